@@ -1,0 +1,163 @@
+"""Parameters, compute and KV-cache size per variant: the numbers behind the paper's tables.
+
+Two compute conventions are printed side by side:
+
+* paper: per layer p·T·H² + 2·T²·H + T·H² + 2·T·H·FFN, plus the LM head T·H·V, with p the
+  number of distinct projections (QKV 3; Q=K–V, Q–K=V, Q-GQA, Q-MQA 2; Q=K=V 1; GQA/MQA
+  count as 3, as in the paper) and the full T×T score matrix;
+* exact: the fused projection by its real rows (GQA/MQA-aware), scores and attention-times-V
+  over the causal triangle T(T+1)/2 only, output projection, MLP and LM head; biases,
+  LayerNorm and softmax excluded.
+
+1 MAC = 2 FLOPs; a training step costs 3x the forward FLOPs (backward = 2x forward).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import ConfigError, ModelConfig, load_model_config
+from .variants import PRESETS, AttentionLayout, attention_parameters, kv_cache_bytes_per_token, \
+    paper_name, total_parameters
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIGS = REPO_ROOT / "model_configs"
+DEFAULT_SEQ_LENS = (128, 512, 1024, 2048)
+CONVENTIONS = ("paper", "exact")
+
+
+def forward_macs(cfg: ModelConfig, seq_len: int, convention: str = "exact") -> int:
+    """Multiply-accumulates of one forward pass over one sequence of `seq_len` tokens."""
+    t, h = seq_len, cfg.hidden_size
+    layout = AttentionLayout.of(cfg)
+    if convention == "paper":
+        projections = layout.num_projections * t * h * h
+        core = 2 * t * t * h
+    elif convention == "exact":
+        projections = t * h * layout.rows
+        core = h * t * (t + 1)  # q·k and p·v over the causal triangle, all heads
+    else:
+        raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
+    per_layer = projections + core + t * h * h + 2 * t * h * cfg.ffn_hidden_size
+    return cfg.num_layers * per_layer + t * h * cfg.vocab_size
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "exact") -> float:
+    """Model FLOPs per trained token (forward + backward), for throughput and MFU."""
+    return 3 * 2 * forward_macs(cfg, seq_len, convention) / seq_len
+
+
+def qkv_baseline(cfg: ModelConfig) -> ModelConfig:
+    """The same shape with standard multi-head QKV attention."""
+    return dataclasses.replace(cfg, sharing="none", num_kv_heads=None)
+
+
+def analyze(cfg: ModelConfig, name: str, seq_lens: Sequence[int], context: int) -> dict:
+    base = qkv_baseline(cfg)
+    kv_token = kv_cache_bytes_per_token(cfg)
+    kv_base = kv_cache_bytes_per_token(base)
+    return {
+        "config": name,
+        "variant": paper_name(cfg.sharing, cfg.num_heads, cfg.kv_heads),
+        "sharing": cfg.sharing,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.kv_heads,
+        "shape": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "heads": cfg.num_heads,
+                  "ffn": cfg.ffn_hidden_size, "vocab": cfg.vocab_size},
+        "parameters": total_parameters(cfg),
+        "attention_parameters": attention_parameters(cfg),
+        "parameter_reduction_vs_qkv": 1 - total_parameters(cfg) / total_parameters(base),
+        "kv_cache_bytes_per_token": kv_token,
+        "kv_cache_bytes_at_context": kv_token * context,
+        "context": context,
+        "kv_cache_reduction_vs_qkv": 1 - kv_token / kv_base,
+        "gmacs": {conv: {t: forward_macs(cfg, t, conv) / 1e9 for t in seq_lens} for conv in CONVENTIONS},
+    }
+
+
+def _change(reduction: float, digits: int) -> str:
+    value = -100 * reduction
+    return f"{0.0 if abs(value) < 0.5 * 10 ** -digits else value:.{digits}f}%"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def tables(rows: list[dict], seq_lens: Sequence[int], context: int) -> list[tuple[str, list[str], list[list[str]]]]:
+    params = ("Parameters and KV cache (bf16)",
+              ["config", "variant", "sharing", "kv heads", "parameters", "attention params", "params vs QKV",
+               "KV / token", f"KV @ {context // 1024}K ctx", "KV vs QKV"],
+              [[r["config"], r["variant"], r["sharing"], str(r["num_kv_heads"]), f"{r['parameters']:,}",
+                f"{r['attention_parameters']:,}", _change(r["parameter_reduction_vs_qkv"], 2),
+                _bytes(r["kv_cache_bytes_per_token"]), _bytes(r["kv_cache_bytes_at_context"]),
+                _change(r["kv_cache_reduction_vs_qkv"], 3)] for r in rows])
+    compute = ("Forward GMACs per sequence, batch 1 (paper convention / exact)",
+               ["config", "variant"] + [f"T={t}" for t in seq_lens],
+               [[r["config"], r["variant"]]
+                + [f"{r['gmacs']['paper'][t]:.2f} / {r['gmacs']['exact'][t]:.2f}" for t in seq_lens]
+                for r in rows])
+    return [params, compute]
+
+
+def render(title: str, header: list[str], body: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([title, fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+CONVENTION_NOTE = (
+    "Compute conventions. paper: per layer p*T*H^2 + 2*T^2*H + T*H^2 + 2*T*H*FFN plus LM head T*H*V, "
+    "p = distinct projections (QKV 3, Q=K–V/Q–K=V/Q-GQA/Q-MQA 2, Q=K=V 1, GQA/MQA 3), full TxT scores. "
+    "exact: fused projection by its real rows (GQA/MQA-aware), scores and AV over the causal triangle "
+    "T(T+1)/2, out proj, MLP, LM head; biases/norms/softmax excluded. 1 MAC = 2 FLOPs; "
+    "KV cache in bf16 (2 bytes), 1 KiB = 1024 B; reductions are against QKV of the same shape.")
+
+
+def preset_paths(scale: str) -> list[Path]:
+    paths = [MODEL_CONFIGS / f"{scale}_{preset}.yaml" for preset in PRESETS]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"no preset configs for scale '{scale}' under {MODEL_CONFIGS} "
+                          f"(missing {missing[0].name}); pass config files explicitly")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="analyze.py", description="Parameters, FLOPs and KV-cache bytes per attention variant.",
+        epilog=CONVENTION_NOTE)
+    parser.add_argument("configs", nargs="*", help="model config YAML files (default: every preset of --scale)")
+    parser.add_argument("--scale", default="300M", help="preset scale when no configs are given (300M, 1.2B, tiny)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
+    parser.add_argument("--context", type=int, default=32768, help="context length for the KV-cache column")
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="machine-readable output")
+    fmt.add_argument("--markdown", action="store_true", help="markdown tables")
+    args = parser.parse_args(argv)
+    try:
+        paths = [Path(p) for p in args.configs] or preset_paths(args.scale)
+        rows = [analyze(load_model_config(p), p.stem, args.seq_lens, args.context) for p in paths]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"conventions": CONVENTION_NOTE, "rows": rows}, indent=2))
+        return 0
+    sep = "\n\n"
+    print(sep.join(render(*t, markdown=args.markdown) for t in tables(rows, args.seq_lens, args.context)))
+    print(sep + CONVENTION_NOTE)
+    return 0

@@ -1,0 +1,285 @@
+"""Typed configuration: dataclasses loaded from YAML, checked at load time.
+
+Every section is a plain dataclass. `load_section` turns a YAML mapping into one,
+rejecting unknown keys and wrong types with the file and the dotted key in the
+message; each dataclass's `validate()` then checks the relations between fields.
+Command-line overrides (`--set model.num_kv_heads=4`) edit the raw mapping before
+it is typed, so they go through exactly the same checks as the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+SHARING_MODES = ("none", "qk", "kv", "qkv")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message says where and what to do."""
+
+
+class _FieldError(Exception):
+    """Raised inside validation with the dotted key; the loader adds the source."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 shaped decoder; the attention variant is the pair (sharing, num_kv_heads)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_hidden_size: int
+    vocab_size: int = 50304
+    max_position_embeddings: int = 2048
+    sharing: Literal["none", "qk", "kv", "qkv"] = "none"
+    # None means one KV head per query head (multi-head attention).
+    num_kv_heads: typing.Optional[int] = None
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.1
+    layernorm_eps: float = 1e-5
+    bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def validate(self, prefix: str = "model.") -> None:
+        for key in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
+                    "max_position_embeddings"):
+            if getattr(self, key) < 1:
+                raise _FieldError(prefix + key, f"must be a positive integer, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise _FieldError(
+                prefix + "hidden_size",
+                f"{self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                f"pick num_heads from {_divisors(self.hidden_size)[:12]}... or change hidden_size")
+        g = self.kv_heads
+        if g < 1:
+            raise _FieldError(prefix + "num_kv_heads", f"must be at least 1, got {g}")
+        if self.num_heads % g:
+            raise _FieldError(
+                prefix + "num_kv_heads",
+                f"{g} does not divide num_heads={self.num_heads}; "
+                f"use one of {_divisors(self.num_heads)}")
+        if self.sharing in ("qk", "qkv") and g != self.num_heads:
+            raise _FieldError(
+                prefix + "num_kv_heads",
+                f"sharing '{self.sharing}' ties the query and key projections, so there are as many key "
+                f"heads as query heads: num_kv_heads must equal num_heads={self.num_heads} (or be left "
+                f"unset), got {g}. For fewer KV heads use sharing 'kv' (Q-GQA/Q-MQA) or 'none' (GQA/MQA)")
+        for key in ("embedding_dropout", "attention_dropout", "hidden_dropout"):
+            p = getattr(self, key)
+            if not 0.0 <= p < 1.0:
+                raise _FieldError(prefix + key, f"must be in [0, 1), got {p}")
+        for key in ("layernorm_eps", "init_std"):
+            if getattr(self, key) <= 0:
+                raise _FieldError(prefix + key, f"must be positive, got {getattr(self, key)}")
+
+
+@dataclass
+class Config:
+    """The root of everything a run is configured by; one attribute per section."""
+
+    model: ModelConfig
+
+    def validate(self, prefix: str = "") -> None:
+        self.model.validate(prefix + "model.")
+
+    def to_dict(self) -> dict:
+        """Plain data (no dataclasses), safe to store in checkpoints and YAML."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except _FieldError:
+                pass
+        raise _FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise _FieldError(key, f"must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        return value
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise _FieldError(key, f"expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _FieldError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise _FieldError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _FieldError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _FieldError(key, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {tp!r}")
+
+
+def _unknown_key_message(key: str, valid: Sequence[str]) -> str:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    section = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, Mapping):
+        raise _FieldError(section, f"expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _FieldError(prefix + str(key), _unknown_key_message(str(key), list(fields)))
+    missing = [name for name, f in fields.items()
+               if name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise _FieldError(prefix + missing[0], "required key is missing")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], value); the value is read as YAML (4, 0.1, true, [1, 2])."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, for example --set model.num_kv_heads=4")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _schema_check(cls: type, path: list[str], text: str) -> None:
+    for i, part in enumerate(path):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"--set {text}: '{'.'.join(path[:i])}' is a value, not a section")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(f"--set {text}: {'.'.join(path[:i + 1])}: "
+                              + _unknown_key_message(part, list(fields)))
+        cls = typing.get_type_hints(cls)[part]
+        if typing.get_origin(cls) is typing.Union:
+            cls = next(a for a in typing.get_args(cls) if a is not type(None))
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str], schema: type = Config) -> list[str]:
+    """Edit the raw mapping in place; return the overrides as applied (for the run log)."""
+    applied = []
+    for text in overrides:
+        path, value = parse_override(text)
+        _schema_check(schema, path, text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: '{part}' is not a section in the loaded config")
+        node[path[-1]] = value
+        applied.append(f"{'.'.join(path)}={value!r}")
+    return applied
+
+
+def load_section(cls: type, data: Any, source: str, prefix: str = ""):
+    """Build and validate one dataclass from a mapping; errors name `source` and the dotted key."""
+    try:
+        obj = _build(cls, data, prefix)
+        obj.validate(prefix)
+    except _FieldError as exc:
+        raise ConfigError(f"{source}: {exc.key}: {exc.message}") from None
+    return obj
+
+
+def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
+    """A model config file holds the ModelConfig keys at its top level."""
+    return load_config(path, overrides).model
+
+
+def load_config(model_config: str | Path, overrides: Sequence[str] = ()) -> Config:
+    raw = {"model": read_yaml(model_config)}
+    apply_overrides(raw, overrides)
+    source = str(model_config) + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    return load_section(Config, raw, source)
+
+
+def model_config_from_dict(data: Mapping[str, Any], source: str = "model config") -> ModelConfig:
+    """Rebuild a ModelConfig stored as plain data (checkpoints, consolidated files)."""
+    return load_section(ModelConfig, dict(data), source, prefix="model.")

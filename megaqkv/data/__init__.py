@@ -1,0 +1,1 @@
+"""Data: indexed .bin/.idx datasets, tokenizers, preprocessing, packed GPT samples and blending."""

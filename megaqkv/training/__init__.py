@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine wiring, LR schedule, the loop, evaluation, logging, checkpointing."""

@@ -1,0 +1,134 @@
+"""The attention variant arithmetic: one place that knows what (sharing, num_kv_heads) means.
+
+The fused input projection is a stack of KV-group blocks (DESIGN §3). Inside a
+block each *slot* is `head_dim` rows; a role (q, k, v) points at slots, and roles
+that share a projection point at the same slot:
+
+    sharing  block (slots)          roles
+    none     [q * r, k, v]          q: 0..r-1, k: r,  v: r+1
+    kv       [q * r, kv]            q: 0..r-1, k = v: r
+    qk       [qk, v]     (r = 1)    q = k: 0, v: 1
+    qkv      [x]         (r = 1)    q = k = v: 0
+
+with r = num_heads / num_kv_heads query heads per group. A column split of the
+fused rows by whole groups therefore hands each tensor-parallel rank complete
+groups, and the model, the converters and the analysis all read the layout here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+# preset -> (sharing, num_kv_heads or None for "one per query head")
+PRESETS: dict[str, tuple[str, int | None]] = {
+    "qkv": ("none", None),
+    "qk": ("qk", None),
+    "kv": ("kv", None),
+    "k": ("qkv", None),
+    "gqa4": ("none", 4),
+    "gqa8": ("none", 8),
+    "mqa": ("none", 1),
+    "qgqa4": ("kv", 4),
+    "qgqa8": ("kv", 8),
+    "qmqa": ("kv", 1),
+}
+
+
+def paper_name(sharing: str, num_heads: int, num_kv_heads: int) -> str:
+    """The paper's name for a variant: QKV, Q=K–V, Q–K=V, Q=K=V, GQA-g, MQA, Q-GQA-g, Q-MQA."""
+    if sharing == "qk":
+        return "Q=K–V"
+    if sharing == "qkv":
+        return "Q=K=V"
+    prefix = "Q-" if sharing == "kv" else ""
+    if num_kv_heads == num_heads:
+        return "Q–K=V" if sharing == "kv" else "QKV"
+    if num_kv_heads == 1:
+        return prefix + "MQA"
+    return f"{prefix}GQA-{num_kv_heads}"
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Fused-projection layout of one attention layer (all heads, before any TP split)."""
+
+    sharing: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "AttentionLayout":
+        return cls(cfg.sharing, cfg.num_heads, cfg.kv_heads, cfg.head_dim)
+
+    @property
+    def q_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_shared(self) -> bool:
+        """Key and value are one tensor (K=V): one cache entry per KV head instead of two."""
+        return self.sharing in ("kv", "qkv")
+
+    @property
+    def slots_per_group(self) -> int:
+        return {"none": self.q_per_group + 2, "kv": self.q_per_group + 1, "qk": 2, "qkv": 1}[self.sharing]
+
+    @property
+    def k_slot(self) -> int:
+        return {"none": self.q_per_group, "kv": self.q_per_group, "qk": 0, "qkv": 0}[self.sharing]
+
+    @property
+    def v_slot(self) -> int:
+        return {"none": self.q_per_group + 1, "kv": self.q_per_group, "qk": 1, "qkv": 0}[self.sharing]
+
+    @property
+    def rows(self) -> int:
+        """Output rows of the fused projection: only what the variant needs."""
+        return self.num_kv_heads * self.slots_per_group * self.head_dim
+
+    @property
+    def num_projections(self) -> int:
+        """Distinct projections, the paper's p: QKV 3, Q=K–V and Q–K=V 2, Q=K=V 1 (GQA/MQA keep 3)."""
+        return {"none": 3, "kv": 2, "qk": 2, "qkv": 1}[self.sharing]
+
+    def roles(self) -> dict[str, tuple[int, ...]]:
+        """Canonical role name -> slots it occupies in each group block (the consolidated format's names)."""
+        r = self.q_per_group
+        q = tuple(range(r))
+        return {
+            "none": {"q": q, "k": (r,), "v": (r + 1,)},
+            "kv": {"q": q, "kv": (r,)},
+            "qk": {"qk": (0,), "v": (1,)},
+            "qkv": {"qkv": (0,)},
+        }[self.sharing]
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """Per layer: K and V heads stored for one token (one tensor when K=V)."""
+        tensors = 1 if self.kv_shared else 2
+        return tensors * self.num_kv_heads * self.head_dim * bytes_per_element
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
+    """Whole-model KV cache for one token of context."""
+    return cfg.num_layers * AttentionLayout.of(cfg).kv_cache_bytes_per_token(bytes_per_element)
+
+
+def attention_parameters(cfg: ModelConfig) -> int:
+    """Fused input projection plus output projection, all layers, biases included."""
+    layout = AttentionLayout.of(cfg)
+    bias = 1 if cfg.bias else 0
+    per_layer = layout.rows * (cfg.hidden_size + bias) + cfg.hidden_size * (cfg.hidden_size + bias)
+    return cfg.num_layers * per_layer
+
+
+def total_parameters(cfg: ModelConfig) -> int:
+    """Closed form of the model's parameter count (the tests check it against the module)."""
+    h, bias = cfg.hidden_size, (1 if cfg.bias else 0)
+    layer_norms = 2 * 2 * h
+    mlp = cfg.ffn_hidden_size * (h + bias) + h * (cfg.ffn_hidden_size + bias)
+    blocks = cfg.num_layers * (layer_norms + mlp) + attention_parameters(cfg)
+    embeddings = (cfg.vocab_size + cfg.max_position_embeddings) * h
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
+    return embeddings + blocks + 2 * h + head

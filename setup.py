@@ -1,0 +1,34 @@
+"""megaqkv: Megatron-style 3D-parallel GPT pretraining on DeepSpeed with shared-projection attention."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megaqkv",
+    version="0.1.0",
+    description=__doc__,
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megaqkv", "megaqkv.*"]),
+    # Lower bounds only: users bring their own (CUDA) torch build.
+    install_requires=[
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
+        "deepspeed>=0.15",
+        "pyyaml>=6.0",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tiktoken>=0.7",
+        "tokenizers>=0.19",
+        "tensorboard>=2.14",
+        "tqdm>=4.66",
+        "zstandard>=0.22",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "eval": ["lm-eval>=0.4.2", "transformers>=4.40"],
+        "flash": ["flash-attn>=2.5"],
+    },
+    entry_points={"console_scripts": ["megaqkv-analyze=megaqkv.analysis:main"]},
+)

@@ -1,0 +1,100 @@
+"""Config loading: every invalid combination is rejected at load time, naming the file and the key."""
+import pytest
+import yaml
+
+from megaqkv.config import ConfigError, load_config, load_model_config, model_config_from_dict
+from megaqkv.variants import PRESETS
+
+from conftest import MODEL_CONFIGS
+
+
+def write(tmp_path, text, name="m.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = """num_layers: 2
+hidden_size: 64
+num_heads: 8
+ffn_hidden_size: 256
+"""
+
+
+@pytest.mark.parametrize("scale", ["300M", "1.2B", "tiny"])
+def test_every_preset_file_loads_with_its_variant(scale):
+    for preset, (sharing, g) in PRESETS.items():
+        cfg = load_model_config(MODEL_CONFIGS / f"{scale}_{preset}.yaml")
+        assert cfg.sharing == sharing
+        assert cfg.kv_heads == (cfg.num_heads if g is None else g)
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    cfg = load_model_config(write(tmp_path, BASE))
+    assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.layernorm_eps, cfg.init_std) == (50304, 2048, 1e-5, 0.02)
+    assert (cfg.embedding_dropout, cfg.attention_dropout, cfg.hidden_dropout) == (0.0, 0.0, 0.1)
+    assert cfg.bias and cfg.tie_embeddings and cfg.sharing == "none" and cfg.kv_heads == 8
+
+
+@pytest.mark.parametrize("change, key, words", [
+    ({"num_kv_head": 4}, "model.num_kv_head", "did you mean 'num_kv_heads'"),
+    ({"hidden_size": 60}, "model.hidden_size", "not divisible by num_heads=8"),
+    ({"num_kv_heads": 3}, "model.num_kv_heads", "does not divide num_heads=8"),
+    ({"num_kv_heads": 0}, "model.num_kv_heads", "at least 1"),
+    ({"sharing": "qk", "num_kv_heads": 4}, "model.num_kv_heads", "must equal num_heads=8"),
+    ({"sharing": "qkv", "num_kv_heads": 1}, "model.num_kv_heads", "must equal num_heads=8"),
+    ({"sharing": "vk"}, "model.sharing", "must be one of 'none', 'qk', 'kv', 'qkv'"),
+    ({"attention_backend": "xformers"}, "model.attention_backend", "must be one of 'auto', 'sdpa', 'flash'"),
+    ({"num_heads": "eight"}, "model.num_heads", "expected an integer"),
+    ({"bias": 1}, "model.bias", "expected true or false"),
+    ({"hidden_dropout": 1.5}, "model.hidden_dropout", "must be in [0, 1)"),
+    ({"layernorm_eps": 0}, "model.layernorm_eps", "must be positive"),
+    ({"num_layers": 0}, "model.num_layers", "positive integer"),
+])
+def test_invalid_combinations_name_file_and_key(tmp_path, change, key, words):
+    path = write(tmp_path, yaml.safe_dump({**yaml.safe_load(BASE), **change}))
+    with pytest.raises(ConfigError) as err:
+        load_model_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}:"), message
+    assert words in message
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, "num_layers: 2\nhidden_size: 64\nnum_heads: 8\n")
+    with pytest.raises(ConfigError, match=r"model\.ffn_hidden_size: required key is missing"):
+        load_model_config(path)
+
+
+def test_file_problems(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_model_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_model_config(write(tmp_path, "num_layers: [2\n"))
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_model_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, BASE)
+    cfg = load_config(path, ["model.num_kv_heads=2", "model.sharing=kv", "model.hidden_dropout=0"]).model
+    assert (cfg.num_kv_heads, cfg.sharing, cfg.hidden_dropout) == (2, "kv", 0.0)
+    with pytest.raises(ConfigError, match=r"--set model.num_kv_heads=3\): model.num_kv_heads: 3 does not divide"):
+        load_config(path, ["model.num_kv_heads=3"])
+    with pytest.raises(ConfigError, match=r"--set model.num_head=4: model.num_head: unknown key \(did you mean"):
+        load_config(path, ["model.num_head=4"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["model.num_heads"])
+    with pytest.raises(ConfigError, match="'model.num_heads' is a value, not a section"):
+        load_config(path, ["model.num_heads.x=1"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(path, ["model.num_heads=[1]"])
+
+
+def test_plain_data_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + "sharing: kv\nnum_kv_heads: 1\n"))
+    data = cfg.to_dict()
+    assert isinstance(data["model"], dict)
+    assert model_config_from_dict(data["model"]) == cfg.model
+    with pytest.raises(ConfigError, match="ckpt: model.sharing"):
+        model_config_from_dict({**data["model"], "sharing": "bogus"}, source="ckpt")
