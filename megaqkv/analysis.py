@@ -20,7 +20,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import ConfigError, ModelConfig, load_model_config
+import torch
+
+from .config import ConfigError, FieldError, ModelConfig, check_parallel_fits_model, load_model_config
+from .model import GPT
+from .parallel.grid import TPGroup
+from .parallel.sharding import param_spec
 from .variants import PRESETS, AttentionLayout, attention_parameters, kv_cache_bytes_per_token, \
     paper_name, total_parameters
 
@@ -79,6 +84,33 @@ def analyze(cfg: ModelConfig, name: str, seq_lens: Sequence[int], context: int) 
     }
 
 
+def per_rank_parameters(cfg: ModelConfig, tp: int) -> dict:
+    """What one tensor-parallel rank holds (the model built on `meta`, no memory): parameters by layout
+    and the attention input rows per role. Every rank holds the same shapes."""
+    try:
+        check_parallel_fits_model(cfg, tp, 1)
+    except FieldError as exc:
+        raise ConfigError(f"--tp {tp}: {exc.message}") from None
+    with torch.device("meta"):
+        model = GPT(cfg, tp=TPGroup(size=tp, rank=0))
+    counts = {"sharded": 0, "replicated_kv": 0, "replicated_other": 0}
+    for name, p in model.named_parameters():
+        kind = ("sharded" if param_spec(name, cfg, tp).dim is not None
+                else "replicated_kv" if ".attn.kv_proj." in name else "replicated_other")
+        counts[kind] += p.numel()
+    attn = model.layers[0].attn
+    layout, local, d = AttentionLayout.of(cfg), attn.local, cfg.head_dim
+    if hasattr(attn, "in_proj"):
+        rows = {role: local.num_kv_heads * len(slots) * d for role, slots in layout.roles().items()}
+    else:
+        rows = {"q": local.num_heads * d, **{f"{role} (replicated)": layout.num_kv_heads * d
+                                            for role in layout.kv_roles()}}
+    per_rank = sum(counts.values())
+    padding = (model.wte.part * tp - cfg.vocab_size) * cfg.hidden_size * (1 if cfg.tie_embeddings else 2)
+    return {"config": cfg, "tp": tp, "per_rank": per_rank, **counts, "attention_rows_per_rank": rows,
+            "vocab_padding": padding, "duplicated": tp * per_rank - total_parameters(cfg) - padding}
+
+
 def _change(reduction: float, digits: int) -> str:
     value = -100 * reduction
     return f"{0.0 if abs(value) < 0.5 * 10 ** -digits else value:.{digits}f}%"
@@ -106,6 +138,15 @@ def tables(rows: list[dict], seq_lens: Sequence[int], context: int) -> list[tupl
                 + [f"{r['gmacs']['paper'][t]:.2f} / {r['gmacs']['exact'][t]:.2f}" for t in seq_lens]
                 for r in rows])
     return [params, compute]
+
+
+def per_rank_table(ranks: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    return ("Per tensor-parallel rank (duplicated = held by several ranks beyond the model's own count)",
+            ["config", "TP", "params / rank", "sharded", "replicated K/V", "other replicated", "vocab padding",
+             "duplicated (all ranks)", "attention input rows / rank"],
+            [[r["config"], str(r["tp"]), f"{r['per_rank']:,}", f"{r['sharded']:,}", f"{r['replicated_kv']:,}",
+              f"{r['replicated_other']:,}", f"{r['vocab_padding']:,}", f"{r['duplicated']:,}",
+              " ".join(f"{k}:{v}" for k, v in r["attention_rows_per_rank"].items())] for r in ranks])
 
 
 def render(title: str, header: list[str], body: list[list[str]], markdown: bool) -> str:
@@ -144,20 +185,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", default="300M", help="preset scale when no configs are given (300M, 1.2B, tiny)")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
     parser.add_argument("--context", type=int, default=32768, help="context length for the KV-cache column")
+    parser.add_argument("--tp", type=int, nargs="+", default=[],
+                        help="also show what one tensor-parallel rank holds at these TP sizes")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--markdown", action="store_true", help="markdown tables")
     args = parser.parse_args(argv)
     try:
         paths = [Path(p) for p in args.configs] or preset_paths(args.scale)
-        rows = [analyze(load_model_config(p), p.stem, args.seq_lens, args.context) for p in paths]
+        configs = [(p.stem, load_model_config(p)) for p in paths]
+        rows = [analyze(cfg, name, args.seq_lens, args.context) for name, cfg in configs]
+        ranks = [{**per_rank_parameters(cfg, tp), "config": name} for tp in args.tp for name, cfg in configs]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"conventions": CONVENTION_NOTE, "rows": rows}, indent=2))
+        print(json.dumps({"conventions": CONVENTION_NOTE, "rows": rows, "per_rank": ranks}, indent=2))
         return 0
     sep = "\n\n"
-    print(sep.join(render(*t, markdown=args.markdown) for t in tables(rows, args.seq_lens, args.context)))
+    blocks = tables(rows, args.seq_lens, args.context) + ([per_rank_table(ranks)] if ranks else [])
+    print(sep.join(render(*t, markdown=args.markdown) for t in blocks))
     print(sep + CONVENTION_NOTE)
     return 0

@@ -25,8 +25,8 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override; the message says where and what to do."""
 
 
-class _FieldError(Exception):
-    """Raised inside validation with the dotted key; the loader adds the source."""
+class FieldError(Exception):
+    """A bad value at a dotted key, raised by validation; loaders turn it into a ConfigError naming the source."""
 
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
@@ -72,22 +72,22 @@ class ModelConfig:
         for key in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size",
                     "max_position_embeddings"):
             if getattr(self, key) < 1:
-                raise _FieldError(prefix + key, f"must be a positive integer, got {getattr(self, key)}")
+                raise FieldError(prefix + key, f"must be a positive integer, got {getattr(self, key)}")
         if self.hidden_size % self.num_heads:
-            raise _FieldError(
+            raise FieldError(
                 prefix + "hidden_size",
                 f"{self.hidden_size} is not divisible by num_heads={self.num_heads}; "
                 f"pick num_heads from {_divisors(self.hidden_size)[:12]}... or change hidden_size")
         g = self.kv_heads
         if g < 1:
-            raise _FieldError(prefix + "num_kv_heads", f"must be at least 1, got {g}")
+            raise FieldError(prefix + "num_kv_heads", f"must be at least 1, got {g}")
         if self.num_heads % g:
-            raise _FieldError(
+            raise FieldError(
                 prefix + "num_kv_heads",
                 f"{g} does not divide num_heads={self.num_heads}; "
                 f"use one of {_divisors(self.num_heads)}")
         if self.sharing in ("qk", "qkv") and g != self.num_heads:
-            raise _FieldError(
+            raise FieldError(
                 prefix + "num_kv_heads",
                 f"sharing '{self.sharing}' ties the query and key projections, so there are as many key "
                 f"heads as query heads: num_kv_heads must equal num_heads={self.num_heads} (or be left "
@@ -95,10 +95,57 @@ class ModelConfig:
         for key in ("embedding_dropout", "attention_dropout", "hidden_dropout"):
             p = getattr(self, key)
             if not 0.0 <= p < 1.0:
-                raise _FieldError(prefix + key, f"must be in [0, 1), got {p}")
+                raise FieldError(prefix + key, f"must be in [0, 1), got {p}")
         for key in ("layernorm_eps", "init_std"):
             if getattr(self, key) <= 0:
-                raise _FieldError(prefix + key, f"must be positive, got {getattr(self, key)}")
+                raise FieldError(prefix + key, f"must be positive, got {getattr(self, key)}")
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor and pipeline sizes; the data-parallel size is what the world size leaves."""
+
+    tp: int = 1
+    pp: int = 1
+    activation_checkpointing: bool = False  # recompute each block in backward
+
+    def validate(self, prefix: str = "parallel.") -> None:
+        for key in ("tp", "pp"):
+            if getattr(self, key) < 1:
+                raise FieldError(prefix + key, f"must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainingConfig:
+    """Batch, precision and optimiser settings (DESIGN §1 holds the paper's values)."""
+
+    micro_batch_size: int = 1
+    # Give any two of micro batch, accumulation steps and global batch (with the DP size) and the third
+    # is derived; a global batch that disagrees with the others is an error.
+    global_batch_size: typing.Optional[int] = None
+    gradient_accumulation_steps: typing.Optional[int] = None
+    seq_length: typing.Optional[int] = None  # default: model.max_position_embeddings
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    lr: float = 2e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 1234
+
+    def validate(self, prefix: str = "training.") -> None:
+        for key in ("micro_batch_size", "global_batch_size", "gradient_accumulation_steps", "seq_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise FieldError(prefix + key, f"must be at least 1, got {value}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise FieldError(prefix + "betas", f"expected two numbers in [0, 1), got {self.betas}")
+        for key in ("lr", "eps"):
+            if getattr(self, key) <= 0:
+                raise FieldError(prefix + key, f"must be positive, got {getattr(self, key)}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise FieldError(prefix + key, f"must not be negative, got {getattr(self, key)}")
 
 
 @dataclass
@@ -106,13 +153,38 @@ class Config:
     """The root of everything a run is configured by; one attribute per section."""
 
     model: ModelConfig
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
 
     def validate(self, prefix: str = "") -> None:
         self.model.validate(prefix + "model.")
+        self.parallel.validate(prefix + "parallel.")
+        self.training.validate(prefix + "training.")
+        check_parallel_fits_model(self.model, self.parallel.tp, self.parallel.pp, prefix + "parallel.")
+        if self.training.seq_length is None:
+            self.training.seq_length = self.model.max_position_embeddings
+        if self.training.seq_length > self.model.max_position_embeddings:
+            raise FieldError(prefix + "training.seq_length",
+                              f"{self.training.seq_length} exceeds model.max_position_embeddings="
+                              f"{self.model.max_position_embeddings}")
 
     def to_dict(self) -> dict:
         """Plain data (no dataclasses), safe to store in checkpoints and YAML."""
         return dataclasses.asdict(self)
+
+
+def check_parallel_fits_model(model: ModelConfig, tp: int, pp: int, prefix: str = "parallel.") -> None:
+    """TP splits whole query heads and whole KV groups (or replicates KV heads when there are fewer than TP)."""
+    n, g = model.num_heads, model.kv_heads
+    if n % tp:
+        raise FieldError(prefix + "tp", f"tensor parallel size {tp} must divide num_heads={n}; "
+                                         f"use one of {_divisors(n)}")
+    if g % tp and tp % g:
+        raise FieldError(prefix + "tp", f"tensor parallel size {tp} must divide num_kv_heads={g} or be a "
+                                         f"multiple of it (then the KV heads are replicated); "
+                                         f"use one of {[t for t in _divisors(n) if g % t == 0 or t % g == 0]}")
+    if pp > model.num_layers:
+        raise FieldError(prefix + "pp", f"pipeline size {pp} exceeds num_layers={model.num_layers}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -137,17 +209,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
-            except _FieldError:
+            except FieldError:
                 pass
-        raise _FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
+        raise FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise _FieldError(key, f"must be one of {', '.join(map(repr, choices))}; got {value!r}")
+            raise FieldError(key, f"must be one of {', '.join(map(repr, choices))}; got {value!r}")
         return value
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
-            raise _FieldError(key, f"expected a list, got {value!r}")
+            raise FieldError(key, f"expected a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
@@ -156,21 +228,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise _FieldError(key, f"expected true or false, got {value!r}")
+            raise FieldError(key, f"expected true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise _FieldError(key, f"expected an integer, got {value!r}")
+            raise FieldError(key, f"expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _FieldError(key, f"expected a number, got {value!r}")
+            raise FieldError(key, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise _FieldError(key, f"expected a string, got {value!r}")
+            raise FieldError(key, f"expected a string, got {value!r}")
         return value
     raise TypeError(f"config field {key} has an unsupported type {tp!r}")
 
@@ -185,17 +257,17 @@ def _unknown_key_message(key: str, valid: Sequence[str]) -> str:
 def _build(cls: type, data: Any, prefix: str) -> Any:
     section = prefix.rstrip(".") or "the top level"
     if not isinstance(data, Mapping):
-        raise _FieldError(section, f"expected a mapping of keys, got {data!r}")
+        raise FieldError(section, f"expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise _FieldError(prefix + str(key), _unknown_key_message(str(key), list(fields)))
+            raise FieldError(prefix + str(key), _unknown_key_message(str(key), list(fields)))
     missing = [name for name, f in fields.items()
                if name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise _FieldError(prefix + missing[0], "required key is missing")
+        raise FieldError(prefix + missing[0], "required key is missing")
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
 
 
@@ -263,21 +335,35 @@ def load_section(cls: type, data: Any, source: str, prefix: str = ""):
     try:
         obj = _build(cls, data, prefix)
         obj.validate(prefix)
-    except _FieldError as exc:
+    except FieldError as exc:
         raise ConfigError(f"{source}: {exc.key}: {exc.message}") from None
     return obj
 
 
 def load_model_config(path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
     """A model config file holds the ModelConfig keys at its top level."""
-    return load_config(path, overrides).model
+    return load_config(path, overrides=overrides).model
 
 
-def load_config(model_config: str | Path, overrides: Sequence[str] = ()) -> Config:
-    raw = {"model": read_yaml(model_config)}
-    apply_overrides(raw, overrides)
-    source = str(model_config) + (f" (with --set {' '.join(overrides)})" if overrides else "")
-    return load_section(Config, raw, source)
+def load_config(model_config: str | Path, run_config: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> Config:
+    """Model file (flat ModelConfig keys) + optional run file (sections parallel, training, ...) + --set."""
+    raw = read_yaml(run_config) if run_config else {}
+    if "model" in raw:
+        raise ConfigError(f"{run_config}: model: model settings belong in the model config "
+                          f"({model_config}); change them there or with --set model.KEY=VALUE")
+    raw["model"] = read_yaml(model_config)
+    applied = apply_overrides(raw, overrides)
+    try:
+        cfg = _build(Config, raw, "")
+        cfg.validate()
+    except FieldError as exc:
+        source = str(model_config) if exc.key.startswith("model.") or not run_config else str(run_config)
+        touched = [o for o in applied if o.split("=", 1)[0] == exc.key]
+        if touched:
+            source += f" (with --set {touched[0]})"
+        raise ConfigError(f"{source}: {exc.key}: {exc.message}") from None
+    return cfg
 
 
 def model_config_from_dict(data: Mapping[str, Any], source: str = "model config") -> ModelConfig:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .config import ModelConfig
 
 # preset -> (sharing, num_kv_heads or None for "one per query head")
@@ -104,10 +106,17 @@ class AttentionLayout:
             "qkv": {"qkv": (0,)},
         }[self.sharing]
 
+    def kv_roles(self) -> dict[str, tuple[int, ...]]:
+        """Roles of the key/value-only block ([k, v] or [kv]) that tensor parallelism replicates when
+        there are fewer KV heads than TP ranks."""
+        return {"k": (0,), "v": (1,)} if not self.kv_shared else {"kv": (0,)}
+
+    def kv_head_tensors(self) -> int:
+        return 1 if self.kv_shared else 2
+
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
         """Per layer: K and V heads stored for one token (one tensor when K=V)."""
-        tensors = 1 if self.kv_shared else 2
-        return tensors * self.num_kv_heads * self.head_dim * bytes_per_element
+        return self.kv_head_tensors() * self.num_kv_heads * self.head_dim * bytes_per_element
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
@@ -132,3 +141,21 @@ def total_parameters(cfg: ModelConfig) -> int:
     embeddings = (cfg.vocab_size + cfg.max_position_embeddings) * h
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
     return embeddings + blocks + 2 * h + head
+
+
+def fuse_groups(tensors: dict[str, torch.Tensor], roles: dict[str, tuple[int, ...]], groups: int,
+                head_dim: int) -> torch.Tensor:
+    """Per-role tensors (rows = groups × slots × head_dim) -> one tensor with the roles interleaved per group."""
+    slots = sum(len(s) for s in roles.values())
+    first = next(iter(tensors.values()))
+    out = first.new_empty((groups, slots, head_dim) + tuple(first.shape[1:]))
+    for role, role_slots in roles.items():
+        out[:, list(role_slots)] = tensors[role].reshape((groups, len(role_slots), head_dim) + tuple(first.shape[1:]))
+    return out.flatten(0, 2)
+
+
+def split_groups(fused: torch.Tensor, roles: dict[str, tuple[int, ...]], head_dim: int) -> dict[str, torch.Tensor]:
+    """Inverse of fuse_groups."""
+    slots = sum(len(s) for s in roles.values())
+    blocks = fused.reshape((-1, slots, head_dim) + tuple(fused.shape[1:]))
+    return {role: blocks[:, list(s)].flatten(0, 2).clone() for role, s in roles.items()}

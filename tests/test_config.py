@@ -77,18 +77,18 @@ def test_file_problems(tmp_path):
 
 def test_overrides_are_typed_and_validated(tmp_path):
     path = write(tmp_path, BASE)
-    cfg = load_config(path, ["model.num_kv_heads=2", "model.sharing=kv", "model.hidden_dropout=0"]).model
+    cfg = load_config(path, overrides=["model.num_kv_heads=2", "model.sharing=kv", "model.hidden_dropout=0"]).model
     assert (cfg.num_kv_heads, cfg.sharing, cfg.hidden_dropout) == (2, "kv", 0.0)
     with pytest.raises(ConfigError, match=r"--set model.num_kv_heads=3\): model.num_kv_heads: 3 does not divide"):
-        load_config(path, ["model.num_kv_heads=3"])
+        load_config(path, overrides=["model.num_kv_heads=3"])
     with pytest.raises(ConfigError, match=r"--set model.num_head=4: model.num_head: unknown key \(did you mean"):
-        load_config(path, ["model.num_head=4"])
+        load_config(path, overrides=["model.num_head=4"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
-        load_config(path, ["model.num_heads"])
+        load_config(path, overrides=["model.num_heads"])
     with pytest.raises(ConfigError, match="'model.num_heads' is a value, not a section"):
-        load_config(path, ["model.num_heads.x=1"])
+        load_config(path, overrides=["model.num_heads.x=1"])
     with pytest.raises(ConfigError, match="expected an integer"):
-        load_config(path, ["model.num_heads=[1]"])
+        load_config(path, overrides=["model.num_heads=[1]"])
 
 
 def test_plain_data_round_trip(tmp_path):

@@ -58,7 +58,7 @@ def reference_forward(cfg, P, tokens, labels, mask):
     """P: name -> leaf tensor; attention projections are P[f'layers.{i}.attn.{role}.weight'/.bias]."""
     B, T = tokens.shape
     n, d = cfg.num_heads, cfg.head_dim
-    x = P["embed.wte.weight"][tokens] + P["embed.wpe.weight"][torch.arange(T)]
+    x = P["wte.weight"][tokens] + P["wpe.weight"][torch.arange(T)]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     for i in range(cfg.num_layers):
         pre = f"layers.{i}."
@@ -76,7 +76,7 @@ def reference_forward(cfg, P, tokens, labels, mask):
         h = gelu(h @ P[pre + "mlp.fc_in.weight"].T + P[pre + "mlp.fc_in.bias"])
         x = x + h @ P[pre + "mlp.fc_out.weight"].T + P[pre + "mlp.fc_out.bias"]
     x = layer_norm(x, P["ln_f.weight"], P["ln_f.bias"], cfg.layernorm_eps)
-    logits = x @ P["embed.wte.weight"].T
+    logits = x @ P["wte.weight"].T
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
     loss = -(logp * mask).sum() / mask.sum()
     return logits, loss
@@ -141,7 +141,7 @@ def test_shared_roles_are_one_tensor():
     for preset, same in (("kv", {"kv"}), ("qmqa", {"kv"}), ("k", {"qk", "kv"}), ("qk", {"qk"}), ("qkv", set())):
         cfg = load_model_config(MODEL_CONFIGS / f"tiny_{preset}.yaml")
         attn = GPT(cfg).layers[0].attn
-        q, k, v = attn.split_heads(torch.randn(2, 5, attn.layout.rows))
+        q, k, v = attn.split_heads(torch.randn(2, 5, attn.local.rows))
         assert {"qk"} & same == ({"qk"} if q is k else set())
         assert {"kv"} & same == ({"kv"} if k is v else set())
         assert k.shape == (2, 5, cfg.kv_heads, cfg.head_dim) and q.shape == (2, 5, cfg.num_heads, cfg.head_dim)
@@ -179,7 +179,7 @@ def test_init_follows_design():
             assert torch.all(p == 1), name
         else:
             assert abs(p.std().item() - 0.02) < 1e-3, name
-    assert model.lm_head is None and model.head_weight() is model.embed.wte.weight
+    assert model.lm_head is None and model.head is model.wte
 
 
 def fake_flash(calls):

@@ -1,5 +1,5 @@
-"""The model: one attention class for every variant, GPT-2 blocks, and the plain GPT module."""
+"""The model: one attention class for every variant, GPT-2 blocks, the plain GPT and its pipeline form."""
 from .attention import Attention
-from .gpt import GPT, Block, Embedding, GPTOutput
+from .gpt import GPT, Block, GPTOutput, MLP, PositionEmbedding
 
-__all__ = ["Attention", "Block", "Embedding", "GPT", "GPTOutput"]
+__all__ = ["Attention", "Block", "GPT", "GPTOutput", "MLP", "PositionEmbedding"]

@@ -1,4 +1,10 @@
-"""GPT-2 architecture (DESIGN §1) built from layers that a pipeline can also stack one by one."""
+"""GPT-2 architecture (DESIGN §1) from layers that a pipeline can also stack one by one.
+
+The same layer classes build the plain model (`GPT`, for evaluation, generation and as the
+TP=1 reference) and the pipeline stages (`megaqkv.model.pipeline`), so parameters are the
+same objects with the same local names. Tensor parallelism enters only through the layer
+types and the `TPGroup` they are given.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -8,33 +14,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..parallel.grid import SINGLE, TPGroup
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, \
+    vocab_parallel_cross_entropy
+from ..parallel.random import checkpoint
+from ..parallel.sharding import init_parameters
 from .attention import Attention
 from .kernels import LayerNorm
 
 
-class Embedding(nn.Module):
-    """Token plus learned absolute position embedding."""
+class PositionEmbedding(nn.Module):
+    """Adds learned absolute position embeddings to the token embeddings, then embedding dropout."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.weight = nn.Parameter(torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
         self.dropout = nn.Dropout(cfg.embedding_dropout)
-        self.max_positions = cfg.max_position_embeddings
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq = tokens.shape[1]
-        if seq > self.max_positions:
-            raise ValueError(f"sequence length {seq} exceeds max_position_embeddings={self.max_positions}")
-        positions = torch.arange(seq, device=tokens.device)
-        return self.dropout(self.wte(tokens) + self.wpe(positions))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.shape[1]
+        if seq > self.weight.shape[0]:
+            raise ValueError(f"sequence length {seq} exceeds max_position_embeddings={self.weight.shape[0]}")
+        return self.dropout(x + self.weight[:seq])
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
         super().__init__()
-        self.fc_in = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=cfg.bias)
-        self.fc_out = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.fc_in = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_hidden_size, tp, bias=cfg.bias)
+        self.fc_out = RowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, tp, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_out(F.gelu(self.fc_in(x)))  # exact (erf) GELU, as GPT-2 trained with
@@ -43,35 +51,24 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; residual dropout after attention and after the MLP."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, checkpointed: bool = False):
         super().__init__()
+        self.tp = tp
+        self.checkpointed = checkpointed
         self.ln_1 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, tp)
         self.ln_2 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.ln_1(x)))
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
-
-def init_weights(module: nn.Module, std: float) -> None:
-    """N(0, std) for every Linear and Embedding weight, zero biases, LayerNorm (1, 0)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross-entropy in fp32, shaped like `labels`."""
-    flat = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none")
-    return flat.view_as(labels)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, self.tp.rng)
+        return self._forward(x)
 
 
 def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
@@ -83,30 +80,32 @@ def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.T
 
 
 class GPTOutput(NamedTuple):
-    logits: torch.Tensor
+    logits: torch.Tensor  # this TP rank's vocabulary slice ([..., vocab] at TP=1)
     loss: torch.Tensor | None
 
 
 class GPT(nn.Module):
-    """The plain (single-device) model used for evaluation, generation and as the TP=1 reference."""
+    """The plain (single-stage) model; at TP>1 each rank holds its shards and returns its logit slice."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, seed: int = 1234, checkpointed: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.embed = Embedding(cfg)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.wpe = PositionEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, tp, checkpointed) for _ in range(cfg.num_layers))
         self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        init_weights(self, cfg.init_std)
+        self.lm_head = None if cfg.tie_embeddings else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        init_parameters(self.named_parameters(), cfg, tp, seed)
 
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.wte.weight if self.lm_head is None else self.lm_head.weight
+    @property
+    def head(self) -> VocabParallelEmbedding:
+        return self.wte if self.lm_head is None else self.lm_head
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None) -> GPTOutput:
-        x = self.embed(tokens)
+        x = self.wpe(self.wte(tokens))
         for layer in self.layers:
             x = layer(x)
-        logits = F.linear(self.ln_f(x), self.head_weight())
-        loss = None if labels is None else masked_mean(token_losses(logits, labels), loss_mask)
+        logits = self.head.logits(self.ln_f(x))
+        loss = None if labels is None else masked_mean(vocab_parallel_cross_entropy(logits, labels, self.head.start, self.head.tp), loss_mask)
         return GPTOutput(logits, loss)

@@ -1,1 +1,15 @@
-"""Tensor/pipeline/data parallelism: process grid and mpu, TP layers, vocab-parallel loss, RNG tracking."""
+"""Tensor/pipeline/data parallelism: process grid and mpu, TP layers, vocab-parallel loss, RNG tracking.
+
+DeepSpeed chooses its accelerator when it is first imported; on a machine without a GPU we
+choose the CPU one (gloo) before anything imports it, so no CUDA build is attempted.
+"""
+import os
+
+import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+from .grid import SINGLE, ProcessGrid, TPGroup, init_distributed  # noqa: E402
+
+__all__ = ["SINGLE", "ProcessGrid", "TPGroup", "init_distributed"]

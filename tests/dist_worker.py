@@ -1,0 +1,232 @@
+"""Distributed equivalence scenarios, run under torchrun by tests/test_parallel.py.
+
+Every scenario compares a parallel layout against the TP=1/PP=1 single-process model computed
+in the same process: gradients of the pipeline module (real gloo collectives, gathered back to
+canonical tensors), and training through a real DeepSpeed PipelineEngine (ZeRO-1, clipping,
+AdamW) against plain torch AdamW + clip_grad_norm_. Rank 0 writes {scenario: measurements}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megaqkv.parallel import SINGLE, ProcessGrid, TPGroup, init_distributed  # noqa: E402  (sets DS_ACCELERATOR first)
+from megaqkv.config import Config, ConfigError, ParallelConfig, TrainingConfig, load_model_config  # noqa: E402
+from megaqkv.model import GPT  # noqa: E402
+from megaqkv.model.pipeline import build_pipeline, named_plain_parameters  # noqa: E402
+from megaqkv.parallel.sharding import gather_canonical, param_spec  # noqa: E402
+from megaqkv.training.engine import build_engine  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+SEED, VOCAB, SEQ = 7, 1000, 16  # vocab 1000 is not a multiple of 128·TP, so padding is exercised
+
+
+def model_cfg(preset: str, **changes):
+    cfg = load_model_config(CONFIGS / f"tiny_{preset}.yaml")
+    return dataclasses.replace(cfg, **{"vocab_size": VOCAB, "hidden_dropout": 0.0, **changes})
+
+
+def batch(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (n, SEQ + 1), generator=g)
+    mask = (torch.rand(n, SEQ, generator=g) > 0.2).float()
+    return tokens[:, :-1], tokens[:, 1:], mask
+
+
+def max_over_world(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def max_diff(ours: dict, ref: dict) -> float:
+    return max(((ours[k] - ref[k]).abs().max().item() for k in ours), default=0.0)
+
+
+def replica_drift(module, cfg, grid) -> float:
+    """Largest difference between TP ranks' copies of replicated parameters (must stay 0)."""
+    drift = 0.0
+    for name, p in named_plain_parameters(module, cfg):
+        if grid.tp_size > 1 and param_spec(name, cfg, grid.tp_size).dim is None:
+            copies = [torch.empty_like(p) for _ in range(grid.tp_size)]
+            dist.all_gather(copies, p.detach().contiguous(), group=grid.tp.group)
+            drift = max(drift, max((c - copies[0]).abs().max().item() for c in copies))
+    return max_over_world(drift)
+
+
+def grad_scenario(preset: str, tp: int, pp: int = 1) -> dict:
+    """Loss and every gathered gradient of the TP pipeline module vs the TP=1 model (PP=1 here)."""
+    cfg = model_cfg(preset)
+    grid = ProcessGrid(tp, pp)
+    module = build_pipeline(cfg, grid, seed=SEED)
+    tokens, labels, mask = batch(3, seed=11)
+    loss = module.loss_fn(module(tokens), (labels, mask))
+    loss.backward()
+    grads = gather_canonical({n: p.grad for n, p in named_plain_parameters(module, cfg)}, cfg, grid.tp)
+    ref = GPT(cfg, seed=SEED)
+    ref_loss = ref(tokens, labels, mask).loss
+    ref_loss.backward()
+    ref_grads = gather_canonical({n: p.grad for n, p in ref.named_parameters()}, cfg, SINGLE)
+    assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
+    with torch.device("meta"):
+        plain = GPT(cfg, tp=TPGroup(size=tp, rank=grid.tp_rank))
+    return {"names_match": dict(named_plain_parameters(module, cfg)).keys() == dict(plain.named_parameters()).keys(),"loss_diff": max_over_world(abs(loss.item() - ref_loss.item())),
+            "grad_diff": max_over_world(max_diff(grads, ref_grads)),
+            "grad_max": max(g.abs().max().item() for g in ref_grads.values())}
+
+
+_REFERENCE: dict = {}
+
+
+def reference_training(preset: str, micro: int, steps: int, global_batch: int, lr: float, clip: float, wd: float):
+    """Single-process TP=1 run: plain torch AdamW + clip_grad_norm_, the global batch in micro-batches."""
+    key = (preset, micro, steps, global_batch, lr, clip, wd)
+    if key not in _REFERENCE:
+        cfg = model_cfg(preset)
+        model = GPT(cfg, seed=SEED)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
+        losses, norms = [], []
+        for step in range(steps):
+            tokens, labels, mask = batch(global_batch, seed=1000 + step)
+            opt.zero_grad()
+            total = 0.0
+            for start in range(0, global_batch, micro):
+                sl = slice(start, start + micro)
+                loss = model(tokens[sl], labels[sl], mask[sl]).loss / (global_batch // micro)
+                loss.backward()
+                total += loss.item()
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
+            opt.step()
+            losses.append(total)
+        params = gather_canonical(dict(model.named_parameters()), cfg, SINGLE)
+        _REFERENCE[key] = (losses, norms, {k: v.detach() for k, v in params.items()})
+    return _REFERENCE[key]
+
+
+def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro: int = 2, steps: int = 4,
+                   global_batch: int = 8, lr: float = 3e-3, clip: float = 1.0, wd: float = 0.1,
+                   checkpointing: bool = False) -> dict:
+    """Losses, gradient norms and final parameters of a DeepSpeed PipelineEngine run vs the reference."""
+    cfg = Config(model=model_cfg(preset), parallel=ParallelConfig(tp=tp, pp=pp, activation_checkpointing=checkpointing),
+                 training=TrainingConfig(micro_batch_size=micro, global_batch_size=global_batch, seq_length=SEQ,
+                                         precision=precision, lr=lr, weight_decay=wd, grad_clip=clip, seed=SEED))
+    cfg.validate()
+    grid = ProcessGrid(tp, pp)
+    engine = build_engine(cfg, grid)
+    gas = engine.gradient_accumulation_steps()
+    losses, norms = [], []
+    for step in range(steps):
+        tokens, labels, mask = batch(global_batch, seed=1000 + step)
+        mine = range(grid.dp_rank * gas * micro, (grid.dp_rank + 1) * gas * micro, micro)
+        data = iter([(tokens[s:s + micro], (labels[s:s + micro], mask[s:s + micro])) for s in mine])
+        losses.append(engine.train_batch(data).item())
+        norms.append(float(engine.get_global_grad_norm()))
+    ref_losses, ref_norms, ref_params = reference_training(preset, micro, steps, global_batch, lr, clip, wd)
+    params = gather_canonical({n: p.detach().float() for n, p in named_plain_parameters(engine.module, cfg.model)},
+                              cfg.model, grid.tp)
+    return {"losses": losses, "ref_losses": ref_losses,
+            "loss_diff": max_over_world(max(abs(a - b) for a, b in zip(losses, ref_losses))),
+            "norm_diff": max_over_world(max(abs(a - b) for a, b in zip(norms, ref_norms))),
+            "param_diff": max_over_world(max_diff(params, {k: ref_params[k] for k in params})),
+            "replica_drift": replica_drift(engine.module, cfg.model, grid),
+            "gas": gas, "dp": grid.dp_size}
+
+
+def rng_scenario(tp: int = 2) -> dict:
+    """Dropout streams: the default one agrees across TP ranks, the TP one differs; with residual and
+    attention dropout on, activation checkpointing reproduces the uncheckpointed run exactly and the
+    replicated parameters stay identical across TP ranks."""
+    grid = ProcessGrid(tp, 1)
+    grid.seed(5)
+    default = torch.rand(4)
+    with grid.tp.rng.fork():
+        forked = torch.rand(4)
+    after = torch.rand(4)  # the fork left the default stream where it was
+    both = [torch.empty(12) for _ in range(tp)]
+    dist.all_gather(both, torch.cat([default, forked, after]), group=grid.tp.group)
+    runs = {}
+    for checkpointing in (False, True):
+        cfg = Config(model=model_cfg("qmqa", hidden_dropout=0.1, attention_dropout=0.1),
+                     parallel=ParallelConfig(tp=tp, activation_checkpointing=checkpointing),
+                     training=TrainingConfig(micro_batch_size=2, global_batch_size=4, seq_length=SEQ,
+                                             precision="fp32", lr=3e-3, seed=SEED))
+        cfg.validate()
+        grid = ProcessGrid(tp, 1)
+        engine = build_engine(cfg, grid)
+        losses = []
+        for step in range(3):
+            tokens, labels, mask = batch(4 * grid.dp_size, seed=2000 + step)
+            losses.append(engine.train_batch(iter([(tokens[i:i + 2], (labels[i:i + 2], mask[i:i + 2]))
+                                                   for i in range(0, 4, 2)])).item())
+        runs[checkpointing] = (losses, replica_drift(engine.module, cfg.model, grid))
+    return {"default_stream_equal_across_tp": all(torch.equal(b[:4], both[0][:4]) and torch.equal(b[8:], both[0][8:])
+                                                  for b in both),
+            "tp_stream_differs_across_tp": not torch.equal(both[0][4:8], both[1][4:8]),
+            "losses": runs[False][0], "checkpointed_losses": runs[True][0],
+            "checkpoint_loss_diff": max(abs(a - b) for a, b in zip(runs[False][0], runs[True][0])),
+            "replica_drift": max(runs[False][1], runs[True][1])}
+
+
+def grid_error_scenario() -> dict:
+    """A layout that does not fit the launched processes is a clear error, not a hang."""
+    try:
+        ProcessGrid(tp=4, pp=1)
+    except ConfigError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+SUITES = {
+    # two processes: TP=2 for every preset (K/V replicated for MQA and Q-MQA), PP=2, DP=2 with ZeRO-1, bf16
+    "world2": [(f"grad tp2 {p}", grad_scenario, dict(preset=p, tp=2))
+               for p in ("qkv", "qk", "kv", "k", "gqa4", "gqa8", "mqa", "qgqa4", "qgqa8", "qmqa")]
+    + [("train tp2 kv", train_scenario, dict(preset="kv", tp=2, pp=1)),
+       ("train tp2 qmqa", train_scenario, dict(preset="qmqa", tp=2, pp=1)),
+       ("train pp2 kv", train_scenario, dict(preset="kv", tp=1, pp=2)),
+       ("train pp2 qkv checkpointed", train_scenario, dict(preset="qkv", tp=1, pp=2, checkpointing=True)),
+       ("train dp2 zero1 qmqa", train_scenario, dict(preset="qmqa", tp=1, pp=1)),
+       ("train tp2 bf16 kv", train_scenario, dict(preset="kv", tp=2, pp=1, precision="bf16")),
+       ("train dp2 bf16 qkv", train_scenario, dict(preset="qkv", tp=1, pp=1, precision="bf16")),
+       ("rng tp2 dropout", rng_scenario, dict(tp=2)),
+       ("grid error", grid_error_scenario, {})],
+    # four processes: TP=4 (fused groups and replicated K/V), TP=2×PP=2, TP=2×DP=2, PP=2×DP=2
+    "world4": [(f"grad tp4 {p}", grad_scenario, dict(preset=p, tp=4)) for p in ("qkv", "gqa4", "mqa", "qmqa", "kv")]
+    + [("train tp2xpp2 qmqa", train_scenario, dict(preset="qmqa", tp=2, pp=2)),
+       ("train tp2xpp2 qkv", train_scenario, dict(preset="qkv", tp=2, pp=2)),
+       ("train tp2xdp2 zero1 gqa4", train_scenario, dict(preset="gqa4", tp=2, pp=1)),
+       ("train pp2xdp2 zero1 kv", train_scenario, dict(preset="kv", tp=1, pp=2)),
+       ("train tp4 mqa", train_scenario, dict(preset="mqa", tp=4, pp=1))],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    init_distributed(timeout_s=300)
+    torch.set_num_threads(1)
+    results = {}
+    for name, fn, kwargs in SUITES[args.suite]:
+        start = time.perf_counter()
+        results[name] = {**fn(**kwargs), "seconds": round(time.perf_counter() - start, 2)}
+        if dist.get_rank() == 0:
+            print(f"[{args.suite}] {name}: {results[name]}", flush=True)
+    if dist.get_rank() == 0:
+        tmp = Path(args.out + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.rename(args.out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
