@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megaqkv", "megaqkv.*"]),
+    package_data={"megaqkv.data": ["gpt2/*"]},
     # Lower bounds only: users bring their own (CUDA) torch build.
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
@@ -24,11 +25,17 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.66",
         "zstandard>=0.22",
+        "datasets>=2.16",  # local HF datasets directories and parquet (pyarrow) as preprocessing inputs
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        # megatron-core: an independent reader/writer of the .bin/.idx format for compatibility tests
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12"],
         "eval": ["lm-eval>=0.4.2", "transformers>=4.40"],
         "flash": ["flash-attn>=2.5"],
     },
-    entry_points={"console_scripts": ["megaqkv-analyze=megaqkv.analysis:main"]},
+    entry_points={"console_scripts": [
+        "megaqkv-analyze=megaqkv.analysis:main",
+        "megaqkv-preprocess=megaqkv.data.preprocess:main",
+        "megaqkv-train-tokenizer=megaqkv.data.train_tokenizer:main",
+    ]},
 )

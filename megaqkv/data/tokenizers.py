@@ -1,0 +1,108 @@
+"""Tokenizers that work offline: GPT-2 BPE from the shipped vocabulary, sentencepiece, HF tokenizer.json.
+
+A tokenizer is named by a spec string so that worker processes can build their own copy:
+`gpt2`, a `*.model` sentencepiece file, or a `*.json` Hugging Face tokenizer file.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+from pathlib import Path
+
+GPT2_DIR = Path(__file__).resolve().parent / "gpt2"
+GPT2_EOD = 50256
+
+
+class Tokenizer(abc.ABC):
+    spec: str
+    vocab_size: int
+    eod: int
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without special tokens (EOD is appended by the caller)."""
+
+    @abc.abstractmethod
+    def decode(self, ids) -> str:
+        """Text of the token ids."""
+
+    def fingerprint(self) -> str:
+        """Identifies the vocabulary, so a resumed run cannot mix two tokenizers in one output."""
+        path = GPT2_DIR / "vocab.bpe" if self.spec == "gpt2" else Path(self.spec)
+        return f"{self.spec}:{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+
+
+class GPT2Tokenizer(Tokenizer):
+    """OpenAI GPT-2 BPE (50257 tokens, EOD <|endoftext|> = 50256) through tiktoken, from the shipped files."""
+
+    def __init__(self):
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_DIR / "vocab.bpe"), str(GPT2_DIR / "encoder.json"))
+        self.encoding = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                          special_tokens={"<|endoftext|>": GPT2_EOD}, explicit_n_vocab=50257)
+        self.spec, self.vocab_size, self.eod = "gpt2", 50257, GPT2_EOD
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # Special-token strings inside documents are ordinary text, as in GPT-2's own encoder.
+        return [self.encoding.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode(list(ids))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.spec, self.vocab_size, self.eod = path, self.sp.get_piece_size(), self.sp.eos_id()
+        if self.eod < 0:
+            raise ValueError(f"{path}: the sentencepiece model has no end-of-sentence piece to use as EOD; "
+                             "train it with one (tools/train_tokenizer.py does)")
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(list(map(int, ids)))
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`; EOD is the first of its known end-of-text tokens it defines."""
+
+    EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HF
+
+        self.tok = HF.from_file(path)
+        self.spec, self.vocab_size = path, self.tok.get_vocab_size(with_added_tokens=True)
+        ids = [self.tok.token_to_id(t) for t in self.EOD_NAMES]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise ValueError(f"{path}: none of {', '.join(self.EOD_NAMES)} is in the vocabulary; add an end-of-text "
+                             "token to the tokenizer")
+        self.eod = found[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(map(int, ids)), skip_special_tokens=False)
+
+
+def build_tokenizer(spec: str) -> Tokenizer:
+    if spec == "gpt2":
+        return GPT2Tokenizer()
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"tokenizer '{spec}': no such file; use 'gpt2', a sentencepiece .model or a HF "
+                         "tokenizer.json")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(spec)
+    if path.suffix == ".json":
+        return HFTokenizer(spec)
+    raise ValueError(f"tokenizer '{spec}': unknown kind; use 'gpt2', a sentencepiece .model or a HF tokenizer.json")
