@@ -1,10 +1,66 @@
 #!/usr/bin/env bash
 # megaqkv launcher.
-#   launch.sh analyze [ARGS]   parameters, FLOPs and KV-cache bytes per variant (tools/analyze.py)
+#
+#   launch.sh train [pretrain.py ARGS]
+#       one node: every GPU through the deepspeed launcher (or NPROC processes with torchrun on a CPU machine)
+#   launch.sh multinode HOSTFILE MASTER_ADDR [MASTER_PORT] [pretrain.py ARGS]
+#       several nodes: the deepspeed launcher reaches the hosts of HOSTFILE ("host slots=8" lines) over ssh/pdsh
+#   launch.sh demo [WORKDIR]
+#       CPU demo: preprocess the public-domain corpus in tests/fixtures, train a tiny Q–K=V model with TP=2 on
+#       2 processes until the validation loss falls, save a checkpoint, print where the TensorBoard logs are
+#   launch.sh analyze [analyze.py ARGS]
+#       parameters, FLOPs and KV-cache bytes per variant
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+py="${PYTHON:-python3}"
+
+gpus() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0; }
+
 cmd="${1:-}"
+[ $# -gt 0 ] && shift
 case "$cmd" in
-  analyze) shift; exec python3 "$here/tools/analyze.py" "$@" ;;
-  *) echo "usage: $0 analyze [ARGS]" >&2; exit 2 ;;
+  train)
+    n="$(gpus)"
+    if [ "$n" -gt 0 ]; then
+      exec deepspeed --num_gpus "$n" "$here/pretrain.py" "$@"
+    fi
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    exec "$py" -m torch.distributed.run --standalone --nproc_per_node "${NPROC:-1}" "$here/pretrain.py" "$@"
+    ;;
+  multinode)
+    [ $# -ge 2 ] || { echo "usage: $0 multinode HOSTFILE MASTER_ADDR [MASTER_PORT] [pretrain.py ARGS]" >&2; exit 2; }
+    hostfile="$1" addr="$2"; shift 2
+    port=29500
+    if [ $# -gt 0 ] && [[ "$1" =~ ^[0-9]+$ ]]; then port="$1"; shift; fi
+    [ -f "$hostfile" ] || { echo "error: hostfile $hostfile not found" >&2; exit 2; }
+    exec deepspeed --hostfile "$hostfile" --master_addr "$addr" --master_port "$port" "$here/pretrain.py" "$@"
+    ;;
+  demo)
+    work="${1:-demo_run}"
+    export OMP_NUM_THREADS=1
+    echo "== 1/2 preprocessing tests/fixtures/SlimPajama-627B (public-domain texts) into $work/data"
+    "$py" "$here/tools/preprocess_data.py" --input "$here/tests/fixtures/SlimPajama-627B" \
+      --output-prefix "$work/data/slim" --workers 2 --overwrite --no-progress
+    rm -rf "$work/checkpoints"
+    echo "== 2/2 training model_configs/tiny_kv.yaml (Q–K=V) with TP=2 on 2 CPU processes"
+    "$py" -m torch.distributed.run --standalone --nproc_per_node 2 "$here/pretrain.py" \
+      --model-config "$here/model_configs/tiny_kv.yaml" --train-config "$here/train_configs/tiny.yaml" --tp 2 \
+      --data-path "$work/data/slim_train_text_document" \
+      --valid-data-path "$work/data/slim_validation_text_document" --save "$work/checkpoints"
+    "$py" - "$work/checkpoints" <<'EOF'
+import json, sys
+from pathlib import Path
+rows = [json.loads(l) for l in open(Path(sys.argv[1]) / "tensorboard" / "metrics.jsonl")]
+valid = [r for r in rows if r["kind"] == "valid"]
+first, last = valid[0], valid[-1]
+print(f"demo: validation loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']}), "
+      f"checkpoint {Path(sys.argv[1]).resolve() / open(Path(sys.argv[1]) / 'latest').read().strip()}, "
+      f"TensorBoard: tensorboard --logdir {(Path(sys.argv[1]) / 'tensorboard').resolve()}")
+EOF
+    ;;
+  analyze) exec "$py" "$here/tools/analyze.py" "$@" ;;
+  *)
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+    ;;
 esac

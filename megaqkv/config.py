@@ -117,7 +117,7 @@ class ParallelConfig:
 
 @dataclass
 class TrainingConfig:
-    """Batch, precision and optimiser settings (DESIGN §1 holds the paper's values)."""
+    """Batch, precision, optimiser, schedule and stopping (DESIGN §1 holds the paper's values)."""
 
     micro_batch_size: int = 1
     # Give any two of micro batch, accumulation steps and global batch (with the DP size) and the third
@@ -127,14 +127,23 @@ class TrainingConfig:
     seq_length: typing.Optional[int] = None  # default: model.max_position_embeddings
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     lr: float = 2e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 500
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the linear warmup, down to min_lr
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
+    decay_norms_and_biases: bool = True  # the paper decays every parameter; false exempts biases and LayerNorms
     grad_clip: float = 1.0
+    skip_grad_norm_above: typing.Optional[float] = 100.0  # skip (and count) a step with a larger gradient norm
+    train_tokens: typing.Optional[int] = None  # stop after this many tokens (rounded up to whole steps) ...
+    train_steps: typing.Optional[int] = None  # ... or after this many steps; set exactly one
+    exit_after_steps: typing.Optional[int] = None  # end this invocation (with a checkpoint) after so many steps
     seed: int = 1234
 
     def validate(self, prefix: str = "training.") -> None:
-        for key in ("micro_batch_size", "global_batch_size", "gradient_accumulation_steps", "seq_length"):
+        for key in ("micro_batch_size", "global_batch_size", "gradient_accumulation_steps", "seq_length",
+                    "train_tokens", "train_steps", "exit_after_steps"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise FieldError(prefix + key, f"must be at least 1, got {value}")
@@ -143,9 +152,84 @@ class TrainingConfig:
         for key in ("lr", "eps"):
             if getattr(self, key) <= 0:
                 raise FieldError(prefix + key, f"must be positive, got {getattr(self, key)}")
-        for key in ("weight_decay", "grad_clip"):
+        for key in ("weight_decay", "grad_clip", "min_lr", "warmup_steps"):
             if getattr(self, key) < 0:
                 raise FieldError(prefix + key, f"must not be negative, got {getattr(self, key)}")
+        if self.min_lr > self.lr:
+            raise FieldError(prefix + "min_lr", f"{self.min_lr} is above training.lr={self.lr}")
+        if self.skip_grad_norm_above is not None and self.skip_grad_norm_above <= 0:
+            raise FieldError(prefix + "skip_grad_norm_above", "must be positive, or null to never skip")
+        if self.train_tokens is not None and self.train_steps is not None:
+            raise FieldError(prefix + "train_steps", "set either training.train_tokens or training.train_steps, "
+                                                     "not both")
+
+
+@dataclass
+class DataConfig:
+    """Indexed datasets (prefixes of .bin/.idx made by tools/preprocess_data.py)."""
+
+    # Prefixes, or weights and prefixes in turn as Megatron's --data-path: [0.7, a_document, 0.3, b_document].
+    path: list[typing.Any] = dataclasses.field(default_factory=list)
+    # Validation prefixes; when empty, validation comes from `split` of `path`.
+    valid_path: list[typing.Any] = dataclasses.field(default_factory=list)
+    split: list[float] = dataclasses.field(default_factory=lambda: [969.0, 30.0, 1.0])  # train/valid/test
+    mode: Literal["packed", "document"] = "packed"  # document: one document per sample, padding masked
+    cache_dir: typing.Optional[str] = None  # sample-index cache (default: next to the data)
+    source: typing.Optional[str] = None  # the corpus the prefixes come from, for the "missing data" hint
+
+    def validate(self, prefix: str = "data.") -> None:
+        for key in ("path", "valid_path"):
+            weighted_prefixes(getattr(self, key), prefix + key)
+        if len(self.split) != 3 or any(r < 0 for r in self.split) or sum(self.split[:1]) <= 0:
+            raise FieldError(prefix + "split", f"expected three non-negative ratios (train, valid, test) with a "
+                                               f"positive train share, got {self.split}")
+
+
+def weighted_prefixes(items: list, key: str = "data.path") -> list[tuple[float, str]]:
+    """[a, b] -> [(1, a), (1, b)];  [0.7, a, 0.3, b] -> [(0.7, a), (0.3, b)]."""
+    if all(isinstance(i, str) for i in items):
+        return [(1.0, i) for i in items]
+    pairs = list(zip(items[::2], items[1::2]))
+    if len(items) % 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                                 and isinstance(p, str) for w, p in pairs):
+        raise FieldError(key, f"expected prefixes, or weight and prefix in turn (0.7 a 0.3 b), got {items}")
+    return [(float(w), p) for w, p in pairs]
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 1000  # steps between validation runs (0: only at the end)
+    tokens: int = 4_194_304  # validation tokens per run (a fixed set, the same every time)
+    at_start: bool = False  # also evaluate before the first step
+
+    def validate(self, prefix: str = "eval.") -> None:
+        if self.interval < 0 or self.tokens < 1:
+            raise FieldError(prefix + ("interval" if self.interval < 0 else "tokens"), "must be positive")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: typing.Optional[str] = None  # default: checkpoints/<model config name>
+    interval: int = 1000  # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
+    keep_last: int = 3  # complete checkpoints kept (0: keep all)
+    resume: bool = True  # continue from the newest complete checkpoint in `dir`
+    load: typing.Optional[str] = None  # start from this checkpoint directory instead (weights + optimizer)
+
+    def validate(self, prefix: str = "checkpoint.") -> None:
+        for key in ("interval", "keep_last"):
+            if getattr(self, key) < 0:
+                raise FieldError(prefix + key, "must not be negative")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between console lines
+    tensorboard_dir: typing.Optional[str] = None  # default: <checkpoint.dir>/tensorboard
+    peak_tflops: typing.Optional[float] = None  # per device, for MFU; default: known GPUs, or measured on CPU
+
+    def validate(self, prefix: str = "logging.") -> None:
+        if self.interval < 1:
+            raise FieldError(prefix + "interval", "must be at least 1")
 
 
 @dataclass
@@ -155,11 +239,14 @@ class Config:
     model: ModelConfig
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def validate(self, prefix: str = "") -> None:
-        self.model.validate(prefix + "model.")
-        self.parallel.validate(prefix + "parallel.")
-        self.training.validate(prefix + "training.")
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate(prefix + section.name + ".")
         check_parallel_fits_model(self.model, self.parallel.tp, self.parallel.pp, prefix + "parallel.")
         if self.training.seq_length is None:
             self.training.seq_length = self.model.max_position_embeddings

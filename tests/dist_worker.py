@@ -118,7 +118,8 @@ def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro
     """Losses, gradient norms and final parameters of a DeepSpeed PipelineEngine run vs the reference."""
     cfg = Config(model=model_cfg(preset), parallel=ParallelConfig(tp=tp, pp=pp, activation_checkpointing=checkpointing),
                  training=TrainingConfig(micro_batch_size=micro, global_batch_size=global_batch, seq_length=SEQ,
-                                         precision=precision, lr=lr, weight_decay=wd, grad_clip=clip, seed=SEED))
+                                         precision=precision, lr=lr, weight_decay=wd, grad_clip=clip, seed=SEED,
+                                         lr_schedule="constant", warmup_steps=0))
     cfg.validate()
     grid = ProcessGrid(tp, pp)
     engine = build_engine(cfg, grid)
@@ -158,7 +159,8 @@ def rng_scenario(tp: int = 2) -> dict:
         cfg = Config(model=model_cfg("qmqa", hidden_dropout=0.1, attention_dropout=0.1),
                      parallel=ParallelConfig(tp=tp, activation_checkpointing=checkpointing),
                      training=TrainingConfig(micro_batch_size=2, global_batch_size=4, seq_length=SEQ,
-                                             precision="fp32", lr=3e-3, seed=SEED))
+                                             precision="fp32", lr=3e-3, seed=SEED, lr_schedule="constant",
+                                             warmup_steps=0))
         cfg.validate()
         grid = ProcessGrid(tp, 1)
         engine = build_engine(cfg, grid)
@@ -174,6 +176,55 @@ def rng_scenario(tp: int = 2) -> dict:
             "losses": runs[False][0], "checkpointed_losses": runs[True][0],
             "checkpoint_loss_diff": max(abs(a - b) for a, b in zip(runs[False][0], runs[True][0])),
             "replica_drift": max(runs[False][1], runs[True][1])}
+
+
+def eval_scenario(preset: str, tp: int, pp: int) -> dict:
+    """Validation through the pipeline engine (token-weighted, padded to the layout) vs a direct exact mean."""
+    from megaqkv.training.data import eval_batches
+    from megaqkv.training.loop import evaluate
+
+    cfg = Config(model=model_cfg(preset), parallel=ParallelConfig(tp=tp, pp=pp),
+                 training=TrainingConfig(micro_batch_size=2, gradient_accumulation_steps=1, seq_length=SEQ,
+                                         precision="fp32", seed=SEED))
+    cfg.validate()
+    grid = ProcessGrid(tp, pp)
+    engine = build_engine(cfg, grid)
+    g = torch.Generator().manual_seed(3)
+    samples = [{"tokens": torch.randint(0, VOCAB, (SEQ + 1,), generator=g).numpy(),
+                "loss_mask": (torch.rand(SEQ, generator=g) < (i + 1) / 12).float().numpy()} for i in range(11)]
+    loss, tokens = evaluate(engine, cfg, grid, eval_batches(samples, 11, 2, grid.dp_size, grid.dp_rank, SEQ))
+    ref = GPT(cfg.model, seed=SEED).eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for s in samples:
+            t = torch.from_numpy(s["tokens"])[None]
+            mask = torch.from_numpy(s["loss_mask"])[None]
+            logits = ref(t[:, :-1]).logits
+            losses = torch.nn.functional.cross_entropy(logits[0], t[0, 1:], reduction="none")
+            total += (losses * mask[0]).sum().item()
+            count += mask.sum().item()
+    return {"loss": loss, "ref_loss": total / count, "loss_diff": max_over_world(abs(loss - total / count)),
+            "tokens": tokens, "ref_tokens": int(count)}
+
+
+def skip_scenario() -> dict:
+    """Steps whose gradient norm exceeds training.skip_grad_norm_above leave weights and LR untouched."""
+    cfg = Config(model=model_cfg("kv"), training=TrainingConfig(micro_batch_size=2, global_batch_size=4,
+                                                                seq_length=SEQ, precision="fp32", seed=SEED,
+                                                                skip_grad_norm_above=1e-3, warmup_steps=2))
+    cfg.validate()
+    grid = ProcessGrid(1, 1)
+    engine = build_engine(cfg, grid, total_steps=10)
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    lrs = []
+    for step in range(3):
+        tokens, labels, mask = batch(4, seed=3000 + step)
+        mine = range(grid.dp_rank * 2, grid.dp_rank * 2 + 2)
+        lrs.append(engine.get_lr()[0])
+        engine.train_batch(iter([(tokens[mine], (labels[mine], mask[mine]))]))
+    changed = max((p.detach() - before[n]).abs().max().item() for n, p in engine.module.named_parameters())
+    return {"skipped": engine.skipped_steps, "global_steps": engine.global_steps, "param_change": changed,
+            "lrs": lrs + [engine.get_lr()[0]]}
 
 
 def grid_error_scenario() -> dict:
@@ -197,14 +248,19 @@ SUITES = {
        ("train tp2 bf16 kv", train_scenario, dict(preset="kv", tp=2, pp=1, precision="bf16")),
        ("train dp2 bf16 qkv", train_scenario, dict(preset="qkv", tp=1, pp=1, precision="bf16")),
        ("rng tp2 dropout", rng_scenario, dict(tp=2)),
-       ("grid error", grid_error_scenario, {})],
+       ("grid error", grid_error_scenario, {}),
+       ("eval tp2 kv", eval_scenario, dict(preset="kv", tp=2, pp=1)),
+       ("eval pp2 qmqa", eval_scenario, dict(preset="qmqa", tp=1, pp=2)),
+       ("eval dp2 qkv", eval_scenario, dict(preset="qkv", tp=1, pp=1)),
+       ("skip large gradient norm", skip_scenario, {})],
     # four processes: TP=4 (fused groups and replicated K/V), TP=2×PP=2, TP=2×DP=2, PP=2×DP=2
     "world4": [(f"grad tp4 {p}", grad_scenario, dict(preset=p, tp=4)) for p in ("qkv", "gqa4", "mqa", "qmqa", "kv")]
     + [("train tp2xpp2 qmqa", train_scenario, dict(preset="qmqa", tp=2, pp=2)),
        ("train tp2xpp2 qkv", train_scenario, dict(preset="qkv", tp=2, pp=2)),
        ("train tp2xdp2 zero1 gqa4", train_scenario, dict(preset="gqa4", tp=2, pp=1)),
        ("train pp2xdp2 zero1 kv", train_scenario, dict(preset="kv", tp=1, pp=2)),
-       ("train tp4 mqa", train_scenario, dict(preset="mqa", tp=4, pp=1))],
+       ("train tp4 mqa", train_scenario, dict(preset="mqa", tp=4, pp=1)),
+       ("eval tp2xpp2 gqa4", eval_scenario, dict(preset="gqa4", tp=2, pp=2))],
 }
 
 

@@ -104,3 +104,17 @@ def test_rng_streams_and_checkpointed_dropout(world2):
 def test_layout_that_does_not_fit_the_world(world2):
     assert world2["grid error"]["error"] == ("parallel.tp=4 × parallel.pp=1 = 4 does not divide the 2 launched "
                                              "processes; launch a multiple of 4 processes or change tp/pp")
+
+
+@pytest.mark.parametrize("world, name", [(2, "eval tp2 kv"), (2, "eval pp2 qmqa"), (2, "eval dp2 qkv"),
+                                         (4, "eval tp2xpp2 gqa4")])
+def test_validation_is_token_weighted_and_layout_independent(world2, world4, world, name):
+    r = (world2 if world == 2 else world4)[name]
+    assert r["tokens"] == r["ref_tokens"] and r["loss_diff"] <= TOL, r
+
+
+def test_steps_above_the_gradient_norm_bound_are_skipped(world2):
+    r = world2["skip large gradient norm"]
+    assert r["skipped"] == 3 and r["global_steps"] == 3
+    assert r["param_change"] == 0.0  # weights untouched
+    assert len(set(r["lrs"])) == 1  # and the LR schedule did not advance

@@ -27,15 +27,23 @@ def tied_logits(embedding: VocabParallelEmbedding, hidden: torch.Tensor) -> torc
 
 
 class PipelineLoss:
-    """Loss of the last stage: labels arrive as a tensor or as (labels, loss_mask)."""
+    """Loss of the last stage: labels arrive as a tensor or as (labels, loss_mask).
 
-    def __init__(self, vocab_size: int, tp: TPGroup):
-        self.vocab_start, self.tp = vocab_partition(vocab_size, tp)[0], tp
+    `sums=True` returns [sum of token losses, token count] instead of the mean, so that evaluation can
+    weight every token equally across micro-batches and ranks.
+    """
+
+    def __init__(self, vocab_size: int, tp: TPGroup, sums: bool = False):
+        self.vocab_start, self.tp, self.sums = vocab_partition(vocab_size, tp)[0], tp, sums
         self.__name__ = "vocab_parallel_cross_entropy"
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         labels, loss_mask = labels if isinstance(labels, (tuple, list)) else (labels, None)
-        return masked_mean(vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.tp), loss_mask)
+        losses = vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.tp)
+        if not self.sums:
+            return masked_mean(losses, loss_mask)
+        mask = torch.ones_like(losses) if loss_mask is None else loss_mask.to(losses.dtype)
+        return torch.stack([(losses * mask).sum(), mask.sum()])
 
 
 def layer_specs(cfg: ModelConfig, tp: TPGroup, checkpointed: bool = False) -> list:
@@ -66,6 +74,17 @@ def plain_name(pipe_name: str, cfg: ModelConfig) -> str:
     if idx < 2 + layers:
         return f"layers.{idx - 2}.{rest}"
     return ("ln_f." if idx == 2 + layers else "lm_head.") + rest
+
+
+def pipe_name(plain: str, cfg: ModelConfig) -> str:
+    """Inverse of plain_name."""
+    head, rest = plain.split(".", 1)
+    if head == "layers":
+        idx, rest = rest.split(".", 1)
+        return f"{int(idx) + 2}.{rest}"
+    if head == "wte":
+        return ("tied_modules.wte." if cfg.tie_embeddings else "0.") + rest
+    return {"wpe": "1.", "ln_f": f"{cfg.num_layers + 2}.", "lm_head": f"{cfg.num_layers + 3}."}[head] + rest
 
 
 def named_plain_parameters(module: nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, nn.Parameter]]:

@@ -37,10 +37,11 @@ def derive_batch(training: TrainingConfig, dp: int) -> BatchLayout:
     per_step = micro * dp
     if gas is None:
         if total % per_step:
+            nearest = [n for n in (total // per_step * per_step, (total // per_step + 1) * per_step) if n > 0]
             raise ConfigError(
                 f"training.global_batch_size={total} is not a multiple of training.micro_batch_size={micro} × "
-                f"data-parallel size {dp} = {per_step}; use a global batch of {max(1, total // per_step) * per_step} "
-                f"or {(total // per_step + 1) * per_step}, or change the micro batch")
+                f"data-parallel size {dp} = {per_step}; use a global batch of {' or '.join(map(str, nearest))}, "
+                "or change the micro batch")
         return BatchLayout(micro, total // per_step, dp)
     if micro * gas * dp != total:
         raise ConfigError(
@@ -89,21 +90,62 @@ def deepspeed_config(cfg: Config, batch: BatchLayout, base: dict, source: str) -
     return ds
 
 
-def build_optimizer(params, training: TrainingConfig) -> torch.optim.Optimizer:
-    """torch AdamW (fused on CUDA): no JIT-built extension is needed on any machine."""
-    return torch.optim.AdamW(params, lr=training.lr, betas=tuple(training.betas), eps=training.eps,
-                             weight_decay=training.weight_decay, fused=torch.cuda.is_available())
+def build_optimizer(named_params, training: TrainingConfig) -> torch.optim.Optimizer:
+    """torch AdamW (fused on CUDA): no JIT-built extension is needed on any machine. The paper decays every
+    parameter; with `decay_norms_and_biases: false` biases and LayerNorm weights (the 1-D tensors) are exempt."""
+    decay, exempt = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if training.decay_norms_and_biases or p.ndim > 1 else exempt).append(p)
+    groups = [{"params": decay, "weight_decay": training.weight_decay}]
+    if exempt:
+        groups.append({"params": exempt, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=training.lr, betas=tuple(training.betas), eps=training.eps,
+                             fused=torch.cuda.is_available())
 
 
-def build_engine(cfg: Config, grid: ProcessGrid, ds_config: str | Path | None = None, lr_scheduler=None):
-    """The pipeline module of this rank's stage inside a DeepSpeed PipelineEngine (for any PP, including 1)."""
+def skip_steps_above(engine, optimizer: torch.optim.Optimizer, bound: float | None) -> None:
+    """Skip the update of a step whose global gradient norm (pre-clipping) exceeds `bound`.
+
+    DeepSpeed's ZeRO and bf16 optimizers compute the norm before calling our optimizer's step; we leave
+    the weights untouched and raise its overflow flag, so DeepSpeed counts the step as skipped and does
+    not advance the LR schedule, exactly as for an fp16 overflow.
+    """
+    if bound is None:
+        return
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    wrapper = engine.optimizer
+    if not isinstance(wrapper, (BF16_Optimizer, DeepSpeedZeroOptimizer)):
+        raise ConfigError("training.skip_grad_norm_above needs DeepSpeed's ZeRO (stage 1) or bf16 optimizer, "
+                          "which compute the gradient norm before stepping; enable ZeRO stage 1 or set it to null")
+    inner_step = optimizer.step
+
+    def step(*args, **kwargs):
+        norm = getattr(wrapper, "_global_grad_norm", None)
+        if norm is not None and float(norm) > bound:
+            wrapper.overflow = True
+            return None
+        return inner_step(*args, **kwargs)
+
+    optimizer.step = step
+
+
+def build_engine(cfg: Config, grid: ProcessGrid, ds_config: str | Path | None = None, total_steps: int = 1):
+    """The pipeline module of this rank's stage in a DeepSpeed PipelineEngine (any PP, including 1), with
+    AdamW, the warmup/decay LR schedule and the large-gradient skip rule."""
     import deepspeed
+
+    from .schedule import build_scheduler
 
     batch = derive_batch(cfg.training, grid.dp_size)
     ds = deepspeed_config(cfg, batch, *read_ds_config(ds_config))
     grid.seed(cfg.training.seed)
     module = build_pipeline(cfg.model, grid, seed=cfg.training.seed,
                             checkpointed=cfg.parallel.activation_checkpointing)
-    optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg.training)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds, lr_scheduler=lr_scheduler)
+    optimizer = build_optimizer(module.named_parameters(), cfg.training)
+    scheduler = build_scheduler(optimizer, cfg.training, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds, lr_scheduler=scheduler)
+    skip_steps_above(engine, optimizer, cfg.training.skip_grad_norm_above)
     return engine

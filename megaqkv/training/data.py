@@ -1,0 +1,87 @@
+"""Training and validation datasets from the config, and the micro-batches each rank feeds the engine."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config import Config, ConfigError, weighted_prefixes
+from ..data.gpt_dataset import BlendedDataset, GPTDataset, SampleConfig, blend_sample_counts, \
+    micro_batch_indices, split_ranges
+from ..data.indexed import IndexedDataset, paths
+
+
+def missing_data_hint(prefix: str, source: str | None) -> str:
+    """The preprocessing command that makes `prefix` (named {out}[_{split}][_{set}]_{key}_document)."""
+    m = re.match(r"(.+?)_(train|validation|test)_(.+)_document$", prefix) or re.match(r"(.+?)_([^_]+)_document$",
+                                                                                     prefix)
+    out, key = (m.group(1), m.group(m.lastindex)) if m else (prefix, "text")
+    key = key.split("_")[-1]
+    corpus = source or "/path/to/SlimPajama-627B"
+    return (f"{prefix}.bin/.idx: not found. Make it with:\n  python tools/preprocess_data.py --input {corpus} "
+            f"--output-prefix {out} --json-keys {key}\n(it writes {out}_train_{key}_document, "
+            f"{out}_validation_{key}_document and {out}_test_{key}_document from a SlimPajama folder"
+            + ("" if source else "; point --input at your corpus") + ")")
+
+
+def check_data(cfg: Config) -> None:
+    """Fail before any process group is started if a dataset file is missing."""
+    if not cfg.data.path:
+        raise ConfigError("data.path: no training data given; pass --data-path PREFIX (a .bin/.idx pair made by "
+                          "tools/preprocess_data.py) or set data.path in the training config")
+    for _, prefix in weighted_prefixes(cfg.data.path) + weighted_prefixes(cfg.data.valid_path, "data.valid_path"):
+        if not all(p.is_file() for p in paths(prefix)):
+            raise ConfigError(missing_data_hint(prefix, cfg.data.source))
+
+
+def _datasets(prefixes: list[tuple[float, str]], cfg: Config, samples: int, split: int | None, name: str):
+    """One GPTDataset per prefix (the `split` share of its documents, or all), blended by weight."""
+    seq = cfg.training.seq_length
+    counts = blend_sample_counts([w for w, _ in prefixes], samples) if len(prefixes) > 1 else [samples]
+    parts = []
+    for i, ((_, prefix), count) in enumerate(zip(prefixes, counts)):
+        indexed = IndexedDataset(prefix)
+        start, stop = (0, len(indexed)) if split is None else split_ranges(len(indexed), cfg.data.split)[split]
+        parts.append(GPTDataset(indexed, SampleConfig(seq, max(count, 1), cfg.training.seed + i, cfg.data.mode,
+                                                      start, stop), cfg.data.cache_dir, name=name))
+    return parts[0] if len(parts) == 1 else BlendedDataset(parts, [w for w, _ in prefixes], samples)
+
+
+def build_datasets(cfg: Config, train_samples: int, valid_samples: int):
+    train_prefixes = weighted_prefixes(cfg.data.path)
+    separate_valid = bool(cfg.data.valid_path)
+    train = _datasets(train_prefixes, cfg, train_samples, None if separate_valid else 0, "train")
+    if separate_valid:
+        valid = _datasets(weighted_prefixes(cfg.data.valid_path), cfg, valid_samples, None, "valid")
+    else:
+        valid = _datasets(train_prefixes, cfg, valid_samples, 1, "valid")
+    return train, valid
+
+
+def collate(samples: list[dict]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Pipeline-engine micro-batch: (input tokens, (labels, loss mask))."""
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]))
+    mask = torch.from_numpy(np.stack([s["loss_mask"] for s in samples]))
+    return tokens[:, :-1].contiguous(), (tokens[:, 1:].contiguous(), mask)
+
+
+def step_batches(dataset, consumed: int, micro: int, dp_size: int, dp_rank: int, steps_of: int) -> Iterator:
+    """The `steps_of` micro-batches this DP rank reads for the step starting at `consumed` samples."""
+    it = micro_batch_indices(consumed, micro, dp_size, dp_rank, consumed + steps_of * micro * dp_size)
+    for indices in it:
+        yield collate([dataset[i] for i in indices])
+
+
+def eval_batches(dataset, total: int, micro: int, dp_size: int, dp_rank: int, seq_length: int) -> list:
+    """All `total` validation samples as micro-batches for this DP rank, the last ones padded with fully
+    masked samples so that every layout sees exactly the same set."""
+    step = micro * dp_size
+    padded = -(-total // step) * step
+    empty = {"tokens": np.zeros(seq_length + 1, np.int64), "loss_mask": np.zeros(seq_length, np.float32)}
+    out = []
+    for indices in micro_batch_indices(0, micro, dp_size, dp_rank, padded):
+        out.append(collate([dataset[i] if i < total else empty for i in indices]))
+    return out

@@ -1,0 +1,204 @@
+"""The pretraining loop: resume, train steps, validation, logging, checkpoints, graceful stop."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError
+from ..model.pipeline import PipelineLoss
+from ..parallel.grid import ProcessGrid
+from . import checkpointing
+from .data import build_datasets, eval_batches, step_batches
+from .engine import build_engine
+from .monitor import Monitor
+
+
+def total_steps(cfg: Config) -> int:
+    t = cfg.training
+    if t.train_steps:
+        return t.train_steps
+    return math.ceil(t.train_tokens / (t.global_batch_size * t.seq_length))
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask for a graceful stop: the current step finishes, a checkpoint is saved, exit 0.
+    A second SIGINT stops at once. Every rank agrees on the decision (one all-reduce per step)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def layout_of(cfg: Config, grid: ProcessGrid) -> dict:
+    return {"tp": grid.tp_size, "pp": grid.pp_size, "dp": grid.dp_size}
+
+
+def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[float, int]:
+    """Token-weighted validation loss over the whole fixed set: sums of token losses and token counts are
+    added over micro-batches and DP ranks, then divided once, so the value does not depend on the layout."""
+    module = engine.module
+    train_loss = module.loss_fn
+    module.loss_fn = PipelineLoss(cfg.model.vocab_size, grid.tp, sums=True)
+    engine.total_loss = None  # eval_batch adds into the last training loss, a scalar; ours is [sum, count]
+    try:
+        out = engine.eval_batch(iter(batches), reduce_output="avg", bcast_loss=False,
+                                num_micro_batches=len(batches))
+    finally:
+        module.loss_fn = train_loss
+        engine.total_loss = None
+    totals = torch.zeros(2, dtype=torch.float64)
+    if grid.is_last_stage:
+        totals = out.detach().double().cpu() * len(batches) * grid.dp_size  # undo the engine's averaging
+    src = grid.topology.get_rank(pipe=grid.pp_size - 1, data=grid.dp_rank, model=grid.tp_rank)
+    dist.broadcast(totals, src=src, group=grid.mpu.get_pipe_parallel_group())
+    return (totals[0] / totals[1]).item(), int(round(totals[1].item()))
+
+
+def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
+    grid = ProcessGrid(cfg.parallel.tp, cfg.parallel.pp)
+    is_writer = dist.get_rank() == 0
+    say = log if is_writer else (lambda *a, **k: None)
+    steps = total_steps(cfg)
+    t = cfg.training
+    say(f"parallel layout: {grid.describe()}\nbatch: global {t.global_batch_size} = micro {t.micro_batch_size} × "
+        f"accumulation {t.gradient_accumulation_steps} × DP {grid.dp_size}; {t.global_batch_size * t.seq_length:,} "
+        f"tokens per step, {steps:,} steps")
+
+    valid_samples = math.ceil(cfg.eval.tokens / t.seq_length)
+    train_ds, valid_ds = build_datasets(cfg, steps * t.global_batch_size, valid_samples)
+    valid = eval_batches(valid_ds, valid_samples, t.micro_batch_size, grid.dp_size, grid.dp_rank, t.seq_length)
+    engine = build_engine(cfg, grid, ds_config, total_steps=steps)
+
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    consumed = 0
+    source = None
+    if ckpt_dir and cfg.checkpoint.resume and checkpointing.complete_tags(ckpt_dir):
+        source = ckpt_dir
+    elif cfg.checkpoint.load:
+        source = Path(cfg.checkpoint.load)
+    if source is not None:
+        tag, warning = checkpointing.resume_tag(source)
+        if warning:
+            say(f"warning: {warning}")
+        if tag is None:
+            raise ConfigError(f"{source}: no complete checkpoint to start from")
+        _, client = engine.load_checkpoint(str(source), tag=tag)
+        if client["layout"] != layout_of(cfg, grid):
+            raise ConfigError(f"{source}/{tag} was written at {client['layout']}, this run is "
+                              f"{layout_of(cfg, grid)}; convert it with tools/convert_ckpt.py or use that layout")
+        consumed = client["consumed_samples"]
+        checkpointing.set_rng_state(client["rng"], grid.tp.rng)
+        say(f"resumed from {source}/{tag}: step {engine.global_steps}, {consumed:,} samples consumed")
+
+    if engine.global_steps >= steps:
+        say(f"nothing to do: the checkpoint is at step {engine.global_steps} of {steps}")
+        return {"step": engine.global_steps, "reason": "already finished", "train": [], "valid": []}
+    universal_info = universal_checkpoint_info(cfg, grid.tp_size)
+    monitor = Monitor(cfg, dist.get_world_size(), is_writer, steps, log)
+    metrics_file = Path(cfg.logging.tensorboard_dir) / "metrics.jsonl" if cfg.logging.tensorboard_dir else None
+    stop = StopRequest()
+    history = {"train": [], "valid": []}
+
+    def record(kind: str, row: dict) -> None:
+        history[kind].append(row)
+        if is_writer and metrics_file:
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps({"kind": kind, **row}) + "\n")
+
+    def validate(step: int) -> None:
+        loss, tokens = evaluate(engine, cfg, grid, valid)
+        monitor.validation(step, loss, tokens)
+        record("valid", {"step": step, "loss": loss, "tokens": tokens})
+
+    def save(step: int) -> None:
+        if ckpt_dir is None:
+            return
+        client = {"iteration": step, "consumed_samples": consumed, "rng": checkpointing.rng_state(grid.tp.rng),
+                  "config": cfg.to_dict(), "layout": layout_of(cfg, grid),
+                  "universal_checkpoint_info": universal_info}
+        path = checkpointing.save(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last)
+        say(f"saved checkpoint {path}")
+
+    step = engine.global_steps
+    if cfg.eval.at_start and step == 0:
+        validate(0)
+    this_run = 0
+    reason = "finished"
+    try:
+        while step < steps:
+            lr = engine.get_lr()[0]
+            started = time.perf_counter()
+            loss = engine.train_batch(step_batches(train_ds, consumed, t.micro_batch_size, grid.dp_size,
+                                                   grid.dp_rank, t.gradient_accumulation_steps)).item()
+            seconds = time.perf_counter() - started
+            consumed += t.global_batch_size
+            step, this_run = engine.global_steps, this_run + 1
+            norm = engine.get_global_grad_norm()
+            row = monitor.step(step, consumed * t.seq_length, loss, lr, float(norm) if norm is not None else math.nan,
+                               engine.skipped_steps, seconds)
+            record("train", {"step": step, **row})
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and step < steps:
+                validate(step)
+            stopping = stop.agreed()
+            exiting = bool(t.exit_after_steps) and this_run >= t.exit_after_steps and step < steps
+            if stopping or exiting:
+                reason = "stopped by signal" if stopping else f"exit_after_steps={t.exit_after_steps}"
+                save(step)
+                break
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < steps:
+                save(step)
+        else:
+            validate(step)
+            save(step)
+    finally:
+        stop.restore()
+        monitor.close()
+    say(f"{reason} at step {step}/{steps}"
+        + (f"; checkpoints in {ckpt_dir.resolve()}" if ckpt_dir else "")
+        + (f"; TensorBoard logs in {monitor.log_dir} (tensorboard --logdir {monitor.log_dir})" if monitor.log_dir
+           else ""))
+    return {"step": step, "reason": reason, **history}
+
+
+def universal_checkpoint_info(cfg: Config, tp: int) -> dict:
+    """What DeepSpeed's ds_to_universal needs to merge TP shards of this model: exact names of the replicated,
+    row-parallel and vocabulary-padded parameters over all pipeline stages."""
+    from ..model import GPT
+    from ..model.pipeline import pipe_name
+    from ..parallel.grid import TPGroup
+    from ..parallel.layers import padded_vocab_size
+    from ..parallel.sharding import param_spec
+
+    with torch.device("meta"):
+        names = [n for n, _ in GPT(cfg.model, tp=TPGroup(size=tp)).named_parameters()]
+    kinds: dict[str, list[str]] = {"vocab": [], "replicated": [], "row": []}
+    for plain in names:
+        spec = param_spec(plain, cfg.model, tp)
+        kind = "vocab" if spec.vocab else "replicated" if spec.dim is None else "row" if spec.dim == 1 else None
+        if kind:
+            kinds[kind].append("^" + pipe_name(plain, cfg.model).replace(".", r"\.") + "$")
+    return {"universal_checkpoint_version": 0.4, "tp_replicated_parameter_patterns": kinds["replicated"],
+            "parameter_with_row_parallelism_patterns": kinds["row"], "vocabulary_parameter_patterns": kinds["vocab"],
+            "original_vocab_size": cfg.model.vocab_size,
+            "padded_vocab_size": padded_vocab_size(cfg.model.vocab_size, tp) if tp > 1 else cfg.model.vocab_size}

@@ -1,0 +1,146 @@
+"""pretrain.py end to end on CPU (torchrun, 2 gloo processes): loss falls, exact resume for TP=2 and PP=2,
+graceful SIGTERM, crash-safe checkpoints; and the errors a user meets before training starts."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megaqkv.data.preprocess import Options, preprocess
+from megaqkv.training.pretrain import main as pretrain_main
+
+from conftest import FIXTURES, MODEL_CONFIGS, REPO
+
+TINY = ["--model-config", str(MODEL_CONFIGS / "tiny_kv.yaml"), "--train-config", str(REPO / "train_configs" / "tiny.yaml")]
+# A small step (8 sequences of 64 tokens) keeps each launch to seconds; hidden dropout stays on (0.1), so exact
+# resume also covers the dropout RNG.
+SMALL = ["--set", "training.micro_batch_size=4", "--set", "training.global_batch_size=8",
+         "--set", "training.seq_length=64", "--set", "training.warmup_steps=2", "--set", "eval.tokens=2048",
+         "--set", "eval.at_start=true", "--set", "logging.interval=1", "--set", "checkpoint.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "slim"
+    preprocess(Options(inputs=[str(FIXTURES / "SlimPajama-627B")], output_prefix=str(out), progress=False))
+    return ["--data-path", f"{out}_train_text_document", "--valid-data-path", f"{out}_validation_text_document"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / "pretrain.py"), *TINY, *SMALL, *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def train(args) -> str:
+    proc = torchrun(args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def metrics(ckpt):
+    rows = [json.loads(l) for l in open(ckpt / "tensorboard" / "metrics.jsonl")]
+    return ([(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows if r["kind"] == "train"],
+            [(r["step"], r["loss"]) for r in rows if r["kind"] == "valid"])
+
+
+@pytest.mark.parametrize("layout", ["--tp=2", "--pp=2"])
+def test_loss_falls_and_resume_is_exact(tmp_path, data, layout):
+    steps = ["--set", "training.train_steps=8", "--set", "eval.interval=4"]
+    full = train([layout, "--save", str(tmp_path / "full"), *data, *steps])
+    assert "finished at step 8/8" in full and "TensorBoard logs in" in full
+    train_rows, valid_rows = metrics(tmp_path / "full")
+    assert train_rows[-1][1] < train_rows[0][1] - 1.0 and valid_rows[-1][1] < valid_rows[0][1] - 1.0
+    first = train([layout, "--save", str(tmp_path / "cut"), *data, *steps, "--set", "training.exit_after_steps=3"])
+    assert "exit_after_steps=3 at step 3/8" in first
+    second = train([layout, "--save", str(tmp_path / "cut"), *data, *steps])
+    assert "resumed from" in second and "step 3, 24 samples consumed" in second
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")  # bit-identical losses, norms, LR, validation
+
+
+def test_sigterm_saves_and_a_half_written_checkpoint_is_skipped(tmp_path, data):
+    ckpt = tmp_path / "ckpt"
+    proc = torchrun(["--pp=2", "--save", str(ckpt), *data, "--set", "training.train_steps=500",
+                     "--set", "eval.interval=0", "--set", "eval.at_start=false"])
+    lines = []
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("step      2/500"):
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in workers:  # as a cluster scheduler does: every training process gets SIGTERM
+        os.kill(int(pid), signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-6000:]
+    assert "stopped by signal at step" in out
+    tag = (ckpt / "latest").read_text()
+    step = int(tag.removeprefix("global_step"))
+    assert (ckpt / tag / "megaqkv_complete.json").is_file() and 2 <= step < 500
+    # A crash while the next checkpoint was being written: its directory lacks the completion marker, and
+    # `latest` is gone too. Resuming must take the last complete checkpoint.
+    partial = ckpt / f"global_step{step + 7}"
+    shutil.copytree(ckpt / tag, partial)
+    (partial / "megaqkv_complete.json").unlink()
+    (ckpt / "latest").unlink()
+    resumed = train(["--pp=2", "--save", str(ckpt), *data, "--set", f"training.train_steps={step + 2}",
+                     "--set", "eval.interval=0", "--set", "eval.at_start=false"])
+    assert f"resuming from {tag}" in resumed and f"resumed from {ckpt}/{tag}: step {step}" in resumed
+    assert f"finished at step {step + 2}/{step + 2}" in resumed
+    assert not partial.exists()  # pruned once a newer complete checkpoint exists
+
+
+def run_main(args, monkeypatch, capsys, world=1):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    code = pretrain_main([*TINY, *args])
+    return code, capsys.readouterr().err
+
+
+def test_missing_data_says_how_to_make_it(tmp_path, monkeypatch, capsys):
+    prefix = tmp_path / "corpus_train_text_document"
+    code, err = run_main(["--data-path", str(prefix)], monkeypatch, capsys)
+    assert code == 2
+    assert f"{prefix}.bin/.idx: not found. Make it with:" in err
+    assert (f"python tools/preprocess_data.py --input tests/fixtures/SlimPajama-627B --output-prefix "
+            f"{tmp_path / 'corpus'} --json-keys text") in err
+
+
+@pytest.mark.parametrize("args, world, words", [
+    (["--set", "training.global_batch_size=10"], 2, "training.global_batch_size=10 is not a multiple of "
+                                                    "training.micro_batch_size=8 × data-parallel size 2 = 16"),
+    (["--set", "training.gradient_accumulation_steps=3"], 1, "disagrees with training.micro_batch_size=8 × "
+                                                             "training.gradient_accumulation_steps=3"),
+    (["--tp", "2"], 3, "parallel.tp=2 × parallel.pp=1 = 2 does not divide the 3 launched processes"),
+    (["--tp", "3"], 3, "tensor parallel size 3 must divide num_heads=16"),
+    (["--set", "training.train_steps=null"], 1, "set training.train_tokens"),
+    (["--ds-config", "nope.json"], 1, "nope.json: DeepSpeed config not found"),
+    (["--set", "training.lr=-1"], 1, "training.lr: must be positive"),
+])
+def test_inconsistent_settings_fail_before_training(monkeypatch, capsys, data, args, world, words):
+    code, err = run_main([*data, *args], monkeypatch, capsys, world)
+    assert code == 2 and words in err, err
+
+
+def test_default_training_config_by_scale(tmp_path):
+    from megaqkv.config import ConfigError
+    from megaqkv.training.pretrain import default_train_config
+
+    assert [default_train_config(MODEL_CONFIGS / f"{m}.yaml").name for m in ("300M_kv", "1.2B_qmqa", "tiny_qkv")] \
+        == ["300M.yaml", "1.2B.yaml", "tiny.yaml"]
+    with pytest.raises(ConfigError, match="no training config for scale '7B' .* pass --train-config"):
+        default_train_config(tmp_path / "7B_kv.yaml")

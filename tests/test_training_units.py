@@ -1,0 +1,76 @@
+"""Training pieces that need no process group: LR schedule, parameter groups, stopping, checkpoint tags."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from megaqkv.config import Config, TrainingConfig, load_model_config
+from megaqkv.model import GPT
+from megaqkv.training import checkpointing
+from megaqkv.training.engine import build_optimizer
+from megaqkv.training.loop import total_steps
+from megaqkv.training.schedule import WarmupDecay
+
+from conftest import MODEL_CONFIGS
+
+
+def test_warmup_then_cosine_to_min_lr():
+    cfg = TrainingConfig(lr=2e-4, min_lr=2e-5, warmup_steps=500)
+    f = WarmupDecay(cfg, total_steps=4239)
+    assert f(0) == pytest.approx(1 / 500) and f(249) == pytest.approx(0.5) and f(499) == pytest.approx(1.0)
+    assert f(500 + (4239 - 500) // 2) == pytest.approx(0.55, abs=1e-3)  # half way: (1 + 0.1) / 2
+    assert f(4239) == pytest.approx(0.1) and f(10_000) == pytest.approx(0.1)  # floor = min_lr / lr
+    linear = WarmupDecay(dataclasses.replace(cfg, lr_schedule="linear"), 4239)
+    assert linear(500 + (4239 - 500) // 2) == pytest.approx(0.55, abs=1e-3)
+    assert WarmupDecay(dataclasses.replace(cfg, lr_schedule="constant"), 10)(9999) == 1.0
+
+
+def test_weight_decay_groups():
+    model = GPT(load_model_config(MODEL_CONFIGS / "tiny_kv.yaml"))
+    paper = build_optimizer(model.named_parameters(), TrainingConfig(weight_decay=0.1))
+    assert [g["weight_decay"] for g in paper.param_groups] == [0.1]  # the paper decays every parameter
+    split = build_optimizer(model.named_parameters(), TrainingConfig(weight_decay=0.1, decay_norms_and_biases=False))
+    decayed, exempt = split.param_groups
+    assert decayed["weight_decay"] == 0.1 and exempt["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decayed["params"]) and all(p.ndim == 1 for p in exempt["params"])
+    assert len(decayed["params"]) + len(exempt["params"]) == len(list(model.parameters()))
+
+
+def test_stopping_by_tokens_or_steps():
+    cfg = Config(model=load_model_config(MODEL_CONFIGS / "300M_kv.yaml"),
+                 training=TrainingConfig(global_batch_size=1152, seq_length=2048, train_tokens=10_000_000_000))
+    assert total_steps(cfg) == math.ceil(10e9 / 2_359_296) == 4239
+    cfg.training = dataclasses.replace(cfg.training, train_tokens=None, train_steps=7)
+    assert total_steps(cfg) == 7
+
+
+def test_resume_tag_prefers_latest_and_skips_incomplete(tmp_path):
+    for step, complete in ((10, True), (20, True), (30, False)):
+        (tmp_path / f"global_step{step}").mkdir()
+        if complete:
+            (tmp_path / f"global_step{step}" / checkpointing.MARKER).write_text("{}")
+    assert checkpointing.resume_tag(tmp_path) == ("global_step20", f"{tmp_path / 'latest'} is missing; resuming "
+                                                                   "from global_step20")
+    (tmp_path / "latest").write_text("global_step10")
+    assert checkpointing.resume_tag(tmp_path) == ("global_step10", None)
+    (tmp_path / "latest").write_text("global_step30")
+    tag, warning = checkpointing.resume_tag(tmp_path)
+    assert tag == "global_step20" and "names 'global_step30', which is incomplete" in warning
+    checkpointing.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step20", "latest"]
+
+
+def test_rng_state_round_trip():
+    from megaqkv.parallel.random import RNGTracker
+
+    tracker = RNGTracker()
+    tracker.seed(5)
+    state = checkpointing.rng_state(tracker)
+    a = torch.rand(3)
+    with tracker.fork():
+        b = torch.rand(3)
+    checkpointing.set_rng_state(state, tracker)
+    assert torch.equal(torch.rand(3), a)
+    with tracker.fork():
+        assert torch.equal(torch.rand(3), b)
