@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         # megatron-core: an independent reader/writer of the .bin/.idx format for compatibility tests
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12"],
+        # transformers: the HF export is checked against GPT2LMHeadModel itself
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12", "transformers>=4.40"],
         "eval": ["lm-eval>=0.4.2", "transformers>=4.40"],
         "flash": ["flash-attn>=2.5"],
     },
@@ -37,5 +38,6 @@ setup(
         "megaqkv-analyze=megaqkv.analysis:main",
         "megaqkv-preprocess=megaqkv.data.preprocess:main",
         "megaqkv-train-tokenizer=megaqkv.data.train_tokenizer:main",
+        "megaqkv-convert=megaqkv.checkpoint.convert:main",
     ]},
 )

@@ -15,10 +15,8 @@ import argparse
 import io
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,45 +29,17 @@ from megaqkv.data.gpt_dataset import packed_indices  # noqa: E402
 from megaqkv.data.indexed import IndexedDataset  # noqa: E402
 from megaqkv.data.tokenizers import build_tokenizer  # noqa: E402
 
+from common import run_measured  # noqa: E402
+
 MEGATRON = {"docs_per_s": (140, 185), "peak_gb": (1.6, 1.9)}  # ../shared/data/README.md, same machine and text
-
-
-def tree_rss(pid: int) -> int:
-    """Summed resident memory (bytes) of a process and its descendants."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/status") as f:
-                total += next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, StopIteration, ProcessLookupError):
-            continue
-    return total
 
 
 def run_once(corpus: Path, workers: int, out: Path) -> dict:
     cmd = [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(corpus), "--output-prefix",
            str(out), "--workers", str(workers), "--no-progress", "--overwrite"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
-            time.sleep(0.02)
-
-    t = threading.Thread(target=sample)
-    t.start()
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - start
-    t.join()
-    if proc.returncode:
-        raise SystemExit(f"preprocess failed:\n{stderr}")
+    wall, peak, _ = run_measured(cmd)
     stats = json.loads(out.with_name(out.name + "_summary.json").read_text())
-    return {"wall": wall, "peak": peak[0], **stats}
+    return {"wall": wall, "peak": peak, **stats}
 
 
 def check_tokens(corpus: Path, prefix: Path) -> tuple[bool, int]:

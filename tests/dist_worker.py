@@ -227,6 +227,39 @@ def skip_scenario() -> dict:
             "lrs": lrs + [engine.get_lr()[0]]}
 
 
+def random_consolidated(preset: str, seed: int = 0):
+    """Random weights and Adam moments for every canonical tensor (the same on every rank)."""
+    from megaqkv.checkpoint.consolidated import Consolidated
+    from megaqkv.parallel.sharding import canonical_shapes
+
+    cfg = model_cfg(preset)
+    g = torch.Generator().manual_seed(seed)
+    shapes = canonical_shapes(cfg)
+    rand = lambda: {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+    ck = Consolidated(cfg, rand(), {"exp_avg": rand(), "exp_avg_sq": {k: v.abs() for k, v in rand().items()}})
+    ck.trainer = {"step": 7, "consumed_samples": 56, "skipped_steps": 1, "optimizer_step": 7.0}
+    return ck
+
+
+def write_checkpoint_scenario(preset: str, tp: int, pp: int, workdir: str) -> dict:
+    """A real DeepSpeed checkpoint at TP×PP holding known random weights and optimizer state."""
+    from megaqkv.checkpoint.engine_state import load_into_engine
+    from megaqkv.training import checkpointing
+
+    ck = random_consolidated(preset)
+    cfg = Config(model=ck.config, parallel=ParallelConfig(tp=tp, pp=pp),
+                 training=TrainingConfig(micro_batch_size=1, gradient_accumulation_steps=1, seq_length=SEQ,
+                                         precision="fp32", seed=SEED))
+    cfg.validate()
+    grid = ProcessGrid(tp, pp)
+    engine = build_engine(cfg, grid, total_steps=10)
+    consumed = load_into_engine(engine, grid, cfg, ck, "random")
+    out = Path(workdir) / f"{preset}_tp{tp}_pp{pp}"
+    checkpointing.save(engine, out, engine.global_steps, checkpointing.client_state(
+        cfg, grid, engine.global_steps, consumed, checkpointing.universal_checkpoint_info(cfg, tp)), keep_last=0)
+    return {"path": str(out)}
+
+
 def grid_error_scenario() -> dict:
     """A layout that does not fit the launched processes is a clear error, not a hang."""
     try:
@@ -261,6 +294,10 @@ SUITES = {
        ("train pp2xdp2 zero1 kv", train_scenario, dict(preset="kv", tp=1, pp=2)),
        ("train tp4 mqa", train_scenario, dict(preset="mqa", tp=4, pp=1)),
        ("eval tp2xpp2 gqa4", eval_scenario, dict(preset="gqa4", tp=2, pp=2))],
+    # four processes: DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4, for tests/test_convert.py
+    "convert4": [(f"{p} tp{tp} pp{pp}", write_checkpoint_scenario, dict(preset=p, tp=tp, pp=pp))
+                 for p in ("qkv", "qk", "kv", "k", "gqa4", "gqa8", "mqa", "qgqa4", "qgqa8", "qmqa")
+                 for tp, pp in ((2, 2), (4, 1))],
 }
 
 
@@ -268,12 +305,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--suite", choices=sorted(SUITES), required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--workdir", help="where scenarios that write files put them")
     args = parser.parse_args()
     init_distributed(timeout_s=300)
     torch.set_num_threads(1)
     results = {}
     for name, fn, kwargs in SUITES[args.suite]:
         start = time.perf_counter()
+        if "workdir" in fn.__code__.co_varnames:
+            kwargs = {**kwargs, "workdir": args.workdir}
         results[name] = {**fn(**kwargs), "seconds": round(time.perf_counter() - start, 2)}
         if dist.get_rank() == 0:
             print(f"[{args.suite}] {name}: {results[name]}", flush=True)

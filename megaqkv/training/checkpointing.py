@@ -88,3 +88,36 @@ def prune(directory: Path, keep_last: int) -> None:
     doomed += [p.name for p in directory.iterdir() if TAG.match(p.name) and not (p / MARKER).is_file()]
     for tag in doomed:
         shutil.rmtree(directory / tag, ignore_errors=True)
+
+
+def layout_of(grid) -> dict:
+    return {"tp": grid.tp_size, "pp": grid.pp_size, "dp": grid.dp_size}
+
+
+def client_state(cfg, grid, step: int, consumed: int, universal_info: dict) -> dict:
+    """What our checkpoints add to DeepSpeed's: position, RNG, the resolved config (plain data), layout."""
+    return {"iteration": step, "consumed_samples": consumed, "rng": rng_state(grid.tp.rng), "config": cfg.to_dict(),
+            "layout": layout_of(grid), "universal_checkpoint_info": universal_info}
+
+
+def universal_checkpoint_info(cfg, tp: int) -> dict:
+    """What DeepSpeed's ds_to_universal needs to merge TP shards of this model: exact names of the replicated,
+    row-parallel and vocabulary-padded parameters over all pipeline stages."""
+    from ..model import GPT
+    from ..model.pipeline import pipe_name
+    from ..parallel.grid import TPGroup
+    from ..parallel.layers import padded_vocab_size
+    from ..parallel.sharding import param_spec
+
+    with torch.device("meta"):
+        names = [n for n, _ in GPT(cfg.model, tp=TPGroup(size=tp)).named_parameters()]
+    kinds: dict[str, list[str]] = {"vocab": [], "replicated": [], "row": []}
+    for plain in names:
+        spec = param_spec(plain, cfg.model, tp)
+        kind = "vocab" if spec.vocab else "replicated" if spec.dim is None else "row" if spec.dim == 1 else None
+        if kind:
+            kinds[kind].append("^" + pipe_name(plain, cfg.model).replace(".", r"\.") + "$")
+    return {"universal_checkpoint_version": 0.4, "tp_replicated_parameter_patterns": kinds["replicated"],
+            "parameter_with_row_parallelism_patterns": kinds["row"], "vocabulary_parameter_patterns": kinds["vocab"],
+            "original_vocab_size": cfg.model.vocab_size,
+            "padded_vocab_size": padded_vocab_size(cfg.model.vocab_size, tp) if tp > 1 else cfg.model.vocab_size}

@@ -17,6 +17,9 @@ from . import checkpointing
 from .data import build_datasets, eval_batches, step_batches
 from .engine import build_engine
 from .monitor import Monitor
+from .schedule import align_schedule
+from ..checkpoint import consolidated
+from ..checkpoint.engine_state import load_into_engine
 
 
 def total_steps(cfg: Config) -> int:
@@ -49,10 +52,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def layout_of(cfg: Config, grid: ProcessGrid) -> dict:
-    return {"tp": grid.tp_size, "pp": grid.pp_size, "dp": grid.dp_size}
-
-
 def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[float, int]:
     """Token-weighted validation loss over the whole fixed set: sums of token losses and token counts are
     added over micro-batches and DP ranks, then divided once, so the value does not depend on the layout."""
@@ -74,6 +73,35 @@ def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[flo
     return (totals[0] / totals[1]).item(), int(round(totals[1].item()))
 
 
+def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -> int:
+    """Continue from the newest complete checkpoint in `checkpoint.dir`; else start from `checkpoint.load` (a
+    DeepSpeed checkpoint of this layout, or a consolidated one at any layout). Returns samples consumed."""
+    if ckpt_dir and cfg.checkpoint.resume and checkpointing.complete_tags(ckpt_dir):
+        source = ckpt_dir
+    elif cfg.checkpoint.load:
+        source = Path(cfg.checkpoint.load)
+    else:
+        return 0
+    if consolidated.is_consolidated(source):
+        consumed = load_into_engine(engine, grid, cfg, consolidated.load(source, lazy=True), str(source))
+        say(f"loaded consolidated checkpoint {source} at {checkpointing.layout_of(grid)}: step {engine.global_steps}, "
+            f"{consumed:,} samples consumed")
+        return consumed
+    tag, warning = checkpointing.resume_tag(source)
+    if warning:
+        say(f"warning: {warning}")
+    if tag is None:
+        raise ConfigError(f"{source}: no complete checkpoint to start from")
+    _, client = engine.load_checkpoint(str(source), tag=tag)
+    if client["layout"] != checkpointing.layout_of(grid):
+        raise ConfigError(f"{source}/{tag} was written at {client['layout']}, this run is "
+                          f"{checkpointing.layout_of(grid)}; convert it (tools/convert_ckpt.py --to consolidated, then "
+                          "checkpoint.load=<that directory>) or run at the checkpoint's layout")
+    checkpointing.set_rng_state(client["rng"], grid.tp.rng)
+    say(f"resumed from {source}/{tag}: step {engine.global_steps}, {client['consumed_samples']:,} samples consumed")
+    return client["consumed_samples"]
+
+
 def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
     grid = ProcessGrid(cfg.parallel.tp, cfg.parallel.pp)
     is_writer = dist.get_rank() == 0
@@ -90,30 +118,14 @@ def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
     engine = build_engine(cfg, grid, ds_config, total_steps=steps)
 
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-    consumed = 0
-    source = None
-    if ckpt_dir and cfg.checkpoint.resume and checkpointing.complete_tags(ckpt_dir):
-        source = ckpt_dir
-    elif cfg.checkpoint.load:
-        source = Path(cfg.checkpoint.load)
-    if source is not None:
-        tag, warning = checkpointing.resume_tag(source)
-        if warning:
-            say(f"warning: {warning}")
-        if tag is None:
-            raise ConfigError(f"{source}: no complete checkpoint to start from")
-        _, client = engine.load_checkpoint(str(source), tag=tag)
-        if client["layout"] != layout_of(cfg, grid):
-            raise ConfigError(f"{source}/{tag} was written at {client['layout']}, this run is "
-                              f"{layout_of(cfg, grid)}; convert it with tools/convert_ckpt.py or use that layout")
-        consumed = client["consumed_samples"]
-        checkpointing.set_rng_state(client["rng"], grid.tp.rng)
-        say(f"resumed from {source}/{tag}: step {engine.global_steps}, {consumed:,} samples consumed")
+    consumed = resume(engine, cfg, grid, ckpt_dir, say)
+    if engine.global_steps:
+        align_schedule(engine.lr_scheduler, t, steps, engine.global_steps)
 
     if engine.global_steps >= steps:
         say(f"nothing to do: the checkpoint is at step {engine.global_steps} of {steps}")
         return {"step": engine.global_steps, "reason": "already finished", "train": [], "valid": []}
-    universal_info = universal_checkpoint_info(cfg, grid.tp_size)
+    universal_info = checkpointing.universal_checkpoint_info(cfg, grid.tp_size)
     monitor = Monitor(cfg, dist.get_world_size(), is_writer, steps, log)
     metrics_file = Path(cfg.logging.tensorboard_dir) / "metrics.jsonl" if cfg.logging.tensorboard_dir else None
     stop = StopRequest()
@@ -134,9 +146,7 @@ def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
     def save(step: int) -> None:
         if ckpt_dir is None:
             return
-        client = {"iteration": step, "consumed_samples": consumed, "rng": checkpointing.rng_state(grid.tp.rng),
-                  "config": cfg.to_dict(), "layout": layout_of(cfg, grid),
-                  "universal_checkpoint_info": universal_info}
+        client = checkpointing.client_state(cfg, grid, step, consumed, universal_info)
         path = checkpointing.save(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last)
         say(f"saved checkpoint {path}")
 
@@ -179,26 +189,3 @@ def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
         + (f"; TensorBoard logs in {monitor.log_dir} (tensorboard --logdir {monitor.log_dir})" if monitor.log_dir
            else ""))
     return {"step": step, "reason": reason, **history}
-
-
-def universal_checkpoint_info(cfg: Config, tp: int) -> dict:
-    """What DeepSpeed's ds_to_universal needs to merge TP shards of this model: exact names of the replicated,
-    row-parallel and vocabulary-padded parameters over all pipeline stages."""
-    from ..model import GPT
-    from ..model.pipeline import pipe_name
-    from ..parallel.grid import TPGroup
-    from ..parallel.layers import padded_vocab_size
-    from ..parallel.sharding import param_spec
-
-    with torch.device("meta"):
-        names = [n for n, _ in GPT(cfg.model, tp=TPGroup(size=tp)).named_parameters()]
-    kinds: dict[str, list[str]] = {"vocab": [], "replicated": [], "row": []}
-    for plain in names:
-        spec = param_spec(plain, cfg.model, tp)
-        kind = "vocab" if spec.vocab else "replicated" if spec.dim is None else "row" if spec.dim == 1 else None
-        if kind:
-            kinds[kind].append("^" + pipe_name(plain, cfg.model).replace(".", r"\.") + "$")
-    return {"universal_checkpoint_version": 0.4, "tp_replicated_parameter_patterns": kinds["replicated"],
-            "parameter_with_row_parallelism_patterns": kinds["row"], "vocabulary_parameter_patterns": kinds["vocab"],
-            "original_vocab_size": cfg.model.vocab_size,
-            "padded_vocab_size": padded_vocab_size(cfg.model.vocab_size, tp) if tp > 1 else cfg.model.vocab_size}

@@ -27,3 +27,17 @@ class WarmupDecay:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupDecay(cfg, total_steps))
+
+
+def align_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainingConfig, total_steps: int,
+                   step: int) -> None:
+    """After loading a checkpoint: this run's config decides the schedule (peak LR, warmup, length), the
+    checkpoint only the position in it. Identical to what the checkpoint saved when the config is unchanged;
+    it lets a run be extended, and a converted checkpoint start with the schedule of the run that loads it."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.lr_lambdas = [WarmupDecay(cfg, total_steps) for _ in groups]
+    scheduler.base_lrs = [cfg.lr for _ in groups]
+    scheduler.last_epoch = step
+    scheduler._last_lr = [cfg.lr * fn(step) for fn in scheduler.lr_lambdas]
+    for group, lr in zip(groups, scheduler._last_lr):
+        group["lr"] = lr

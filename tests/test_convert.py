@@ -1,0 +1,258 @@
+"""tools/convert_ckpt.py: DeepSpeed <-> consolidated <-> paper <-> HF, resharding, and every error case."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megaqkv.checkpoint import consolidated, deepspeed_format, paper
+from megaqkv.checkpoint.convert import main as convert_main, model_from
+from megaqkv.variants import PRESETS
+
+from conftest import FIXTURES, MODEL_CONFIGS, REPO
+from dist_worker import SEQ, random_consolidated
+from test_model_exactness import reference_forward
+
+EXACT = 1e-5
+
+
+class GPTConfig:
+    """Stands for the dataclass a training script may pickle into its checkpoints."""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ds_checkpoints(tmp_path_factory):
+    """Real DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4, holding known random weights and Adam
+    moments (one 4-process launch)."""
+    work = tmp_path_factory.mktemp("ds")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
+           str(REPO / "tests" / "dist_worker.py"), "--suite=convert4", f"--out={work / 'r.json'}", f"--workdir={work}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work
+
+
+def logits(ck, tokens):
+    with torch.no_grad():
+        return model_from(ck)(tokens).logits
+
+
+def tokens_for(cfg, seed=0):
+    return torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_deepspeed_tp2_pp2_to_consolidated_to_tp1(ds_checkpoints, preset):
+    truth = random_consolidated(preset)
+    ck = deepspeed_format.read(ds_checkpoints / f"{preset}_tp2_pp2", with_optimizer=True, log=lambda *a: None)
+    assert max_diff(ck.weights, truth.weights) == 0.0  # fp32 master weights, merged from TP/PP shards
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert max_diff(ck.optimizer[key], truth.optimizer[key]) == 0.0
+    assert (ck.trainer["step"], ck.trainer["consumed_samples"], ck.trainer["optimizer_step"]) == (7, 56, 7.0)
+    tokens = tokens_for(ck.config)
+    ours = logits(ck, tokens)
+    P = {k: v for k, v in truth.weights.items()}
+    ref, _ = reference_forward(ck.config, P, tokens, tokens, torch.ones(tokens.shape))
+    assert (ours - ref).abs().max().item() <= EXACT
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_consolidated_to_tp4_and_back_is_bit_identical(ds_checkpoints, preset):
+    truth = random_consolidated(preset)
+    back = deepspeed_format.read(ds_checkpoints / f"{preset}_tp4_pp1", with_optimizer=False)
+    assert max_diff(back.weights, truth.weights) == 0.0
+
+
+def design_reference_checkpoint(preset: str, path):
+    """A reference-format file written from DESIGN §6's key layout, independently of megaqkv's writer."""
+    truth = random_consolidated(preset, seed=1)
+    cfg, w = truth.config, truth.weights
+    n, g = cfg.num_heads, cfg.kv_heads
+    sd = {"module.wte.weight": w["wte.weight"], "module.wpe.weight": w["wpe.weight"],
+          "module.ln_f.weight": w["ln_f.weight"], "module.ln_f.bias": w["ln_f.bias"]}
+    for i in range(cfg.num_layers):
+        a = lambda r, kind="weight": w[f"layers.{i}.attn.{r}.{kind}"]
+        if cfg.sharing == "none" and g == n:
+            attn = {"c_attn": ["q", "k", "v"]}
+        elif cfg.sharing == "none":
+            attn = {"c_q": ["q"], "c_kv": ["k", "v"]}
+        elif cfg.sharing == "qk":
+            attn = {"c_kv": ["qk", "v"]}
+        elif cfg.sharing == "qkv":
+            attn = {"c_k": ["qkv"]}
+        elif g == 1:
+            attn = {"c_q": ["q"], "c_kv": ["kv"]}
+        else:
+            attn = {"c_q": ["q"], "c_k": ["kv"]}
+        for name, roles in attn.items():
+            for kind in ("weight", "bias"):
+                sd[f"module.h.{i}.attn.{name}.{kind}"] = torch.cat([a(r, kind) for r in roles])
+        for theirs, ours in (("ln_1", "ln_1"), ("ln_2", "ln_2"), ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out"),
+                             ("attn.c_proj", "attn.out_proj")):
+            for kind in ("weight", "bias"):
+                sd[f"module.h.{i}.{theirs}.{kind}"] = w[f"layers.{i}.{ours}.{kind}"]
+        sd[f"module.h.{i}.attn.bias"] = torch.ones(1, 1, 256, 256).tril()
+    torch.save({"model_state_dict": sd, "model_config": {"n_layer": cfg.num_layers, "n_head": n, "n_embd": cfg.hidden_size,
+                                                         "vocab_size": cfg.vocab_size, "block_size": 256, "dropout": 0.1,
+                                                         "bias": True},
+                "train_config": {"lr": 2e-4}, "step": 1234, "tokens_seen": 5_000_000}, path)
+    return truth
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_paper_reference_checkpoint_imports(tmp_path, preset):
+    truth = design_reference_checkpoint(preset, tmp_path / "final_model.pt")
+    ck = paper.read(tmp_path / "final_model.pt")
+    assert (ck.config.sharing, ck.config.kv_heads) == (truth.config.sharing, truth.config.kv_heads)
+    assert ck.trainer["step"] == 1234
+    tokens = tokens_for(ck.config)
+    ref, _ = reference_forward(truth.config, truth.weights, tokens, tokens, torch.ones(tokens.shape))
+    assert (logits(ck, tokens) - ref).abs().max().item() <= EXACT
+    # and back: our writer produces what the reader (and the paper's scripts) expect
+    paper.write(ck, tmp_path / "again.pt")
+    again = paper.read(tmp_path / "again.pt")
+    assert max_diff(again.weights, ck.weights) == 0.0
+    keys = torch.load(tmp_path / "again.pt", weights_only=True)["model_state_dict"].keys()
+    assert keys == torch.load(tmp_path / "final_model.pt", weights_only=True)["model_state_dict"].keys()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_hf_export_logits_equal_ours(tmp_path, preset, capsys):
+    transformers = pytest.importorskip("transformers")
+    truth = random_consolidated(preset)
+    consolidated.save(truth, tmp_path / "c")
+    assert convert_main(["--to", "hf", "--input", str(tmp_path / "c"), "--output", str(tmp_path / "hf")]) == 0
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    tokens = tokens_for(truth.config)
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    assert (theirs - logits(truth, tokens)).abs().max().item() <= EXACT
+    if preset == "qkv":  # a GPT-2-shaped model imports into the qkv preset
+        assert convert_main(["--to", "consolidated", "--input", str(tmp_path / "hf"), "--output",
+                             str(tmp_path / "back")]) == 0
+        assert max_diff(consolidated.load(tmp_path / "back").weights, truth.weights) == 0.0
+
+
+def test_verify_and_format_detection(tmp_path, capsys):
+    truth = random_consolidated("qmqa")
+    consolidated.save(truth, tmp_path / "a")
+    paper.write(truth, tmp_path / "b.pt")
+    assert convert_main(["verify", str(tmp_path / "a"), str(tmp_path / "b.pt")]) == 0
+    assert "consolidated" in (out := capsys.readouterr().out) and "paper" in out and "same model" in out
+    other = random_consolidated("qmqa", seed=5)
+    consolidated.save(other, tmp_path / "c")
+    assert convert_main(["verify", str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+    assert "DIFFERENT" in capsys.readouterr().out
+
+
+def test_errors(ds_checkpoints, tmp_path, capsys):
+    def fails(args, words):
+        assert convert_main(args) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+
+    src = tmp_path / "src"
+    shutil.copytree(ds_checkpoints / "kv_tp2_pp2", src)
+    out = tmp_path / "out"
+    # output exists: refused unless --force
+    out.mkdir()
+    fails(["--to", "consolidated", "--input", str(src), "--output", str(out), "--weights-only"],
+          "already exists; choose another --output or pass --force")
+    assert convert_main(["--to", "consolidated", "--input", str(src), "--output", str(out), "--weights-only",
+                         "--force"]) == 0
+    # a missing shard
+    tag = src / (src / "latest").read_text()
+    (tag / "layer_02-model_01-model_states.pt").unlink()
+    fails(["--to", "consolidated", "--input", str(src), "--output", str(tmp_path / "x")],
+          "missing shard files ['" + str(tag / "layer_02-model_01-model_states.pt"))
+    # an incomplete checkpoint (the run died while saving)
+    (tag / "megaqkv_complete.json").unlink()
+    fails(["--to", "consolidated", "--input", str(src), "--output", str(tmp_path / "x")],
+          "incomplete checkpoint (no megaqkv_complete.json")
+    # variant / shape mismatch: a config that says qkv over Q–K=V tensors
+    cfg_file = out / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("sharing: kv", "sharing: none"))
+    fails(["--to", "hf", "--input", str(out), "--output", str(tmp_path / "x")], "tensors do not match the model config")
+    # a layout the model cannot take
+    good = tmp_path / "good"
+    consolidated.save(random_consolidated("gqa4"), good)
+    fails(["--to", "deepspeed", "--tp", "3", "--input", str(good), "--output", str(tmp_path / "x")],
+          "--tp: tensor parallel size 3 must divide num_heads=16")
+    # unknown input, pickled objects in a reference file
+    (tmp_path / "notes.txt").write_text("x")
+    fails(["--to", "hf", "--input", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "x")],
+          "cannot tell its format")
+    torch.save({"model_state_dict": {}, "model_config": GPTConfig()}, tmp_path / "pickled.pt")
+    fails(["--to", "consolidated", "--input", str(tmp_path / "pickled.pt"), "--output", str(tmp_path / "x")],
+          "holds pickled Python objects that a safe load refuses")
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- resume after resharding
+
+TINY = ["--model-config", str(MODEL_CONFIGS / "tiny_kv.yaml"), "--train-config", str(REPO / "train_configs" / "tiny.yaml")]
+RUN = ["--set", "training.micro_batch_size=4", "--set", "training.global_batch_size=8", "--set", "training.seq_length=64",
+       "--set", "training.warmup_steps=2", "--set", "training.train_steps=8", "--set", "eval.interval=0",
+       "--set", "eval.tokens=2048", "--set", "checkpoint.interval=0", "--set", "model.hidden_dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from megaqkv.data.preprocess import Options, preprocess
+
+    out = tmp_path_factory.mktemp("data") / "slim"
+    preprocess(Options(inputs=[str(FIXTURES / "SlimPajama-627B")], output_prefix=str(out), progress=False))
+    return ["--data-path", f"{out}_train_text_document", "--valid-data-path", f"{out}_validation_text_document"]
+
+
+def pretrain(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(REPO / "pretrain.py"), *TINY, *RUN, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def losses(ckpt):
+    rows = [json.loads(l) for l in open(ckpt / "tensorboard" / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_resume_after_resharding_continues_training(tmp_path, data):
+    """TP=2 for 4 steps -> DeepSpeed checkpoint at PP=2 (and a consolidated one loaded at DP=2) -> 4 more steps,
+    against 8 uninterrupted TP=2 steps."""
+    pretrain(["--tp=2", "--save", str(tmp_path / "full"), *data])
+    pretrain(["--tp=2", "--save", str(tmp_path / "a"), *data, "--set", "training.exit_after_steps=4"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "--to", "deepspeed", "--pp", "2",
+                    "--input", str(tmp_path / "a"), "--output", str(tmp_path / "pp2")], env=env, check=True,
+                   capture_output=True)
+    out = pretrain(["--pp=2", "--save", str(tmp_path / "pp2"), *data])
+    assert "resumed from" in out and "step 4, 32 samples consumed" in out
+    assert convert_main(["--to", "consolidated", "--input", str(tmp_path / "a"), "--output", str(tmp_path / "c")]) == 0
+    out = pretrain(["--save", str(tmp_path / "dp2"), *data, "--set", f"checkpoint.load={tmp_path / 'c'}"])
+    assert "loaded consolidated checkpoint" in out and "step 4, 32 samples consumed" in out
+    full = losses(tmp_path / "full")
+    for run in ("pp2", "dp2"):
+        resumed = losses(tmp_path / run)
+        assert sorted(resumed) == [5, 6, 7, 8]
+        diff = max(abs(resumed[s] - full[s]) for s in resumed)
+        print(f"resume after resharding TP=2 -> {run}: max loss difference {diff:.2e}")
+        assert diff < 1e-4, (run, resumed, full)
