@@ -1,8 +1,6 @@
 """tools/convert_ckpt.py: DeepSpeed <-> consolidated <-> paper <-> HF, resharding, and every error case."""
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -13,7 +11,7 @@ from megaqkv.checkpoint import consolidated, deepspeed_format, paper
 from megaqkv.checkpoint.convert import main as convert_main, model_from
 from megaqkv.variants import PRESETS
 
-from conftest import FIXTURES, MODEL_CONFIGS, REPO
+from conftest import MODEL_CONFIGS, REPO, cpu_env, dist_suite, torchrun
 from dist_worker import SEQ, random_consolidated
 from test_model_exactness import reference_forward
 
@@ -24,22 +22,12 @@ class GPTConfig:
     """Stands for the dataclass a training script may pickle into its checkpoints."""
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ds_checkpoints(tmp_path_factory):
     """Real DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4, holding known random weights and Adam
     moments (one 4-process launch)."""
     work = tmp_path_factory.mktemp("ds")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
-           str(REPO / "tests" / "dist_worker.py"), "--suite=convert4", f"--out={work / 'r.json'}", f"--workdir={work}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    dist_suite(4, "convert4", work)
     return work
 
 
@@ -212,20 +200,9 @@ RUN = ["--set", "training.micro_batch_size=4", "--set", "training.global_batch_s
        "--set", "eval.tokens=2048", "--set", "checkpoint.interval=0", "--set", "model.hidden_dropout=0.0"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from megaqkv.data.preprocess import Options, preprocess
-
-    out = tmp_path_factory.mktemp("data") / "slim"
-    preprocess(Options(inputs=[str(FIXTURES / "SlimPajama-627B")], output_prefix=str(out), progress=False))
-    return ["--data-path", f"{out}_train_text_document", "--valid-data-path", f"{out}_validation_text_document"]
-
-
 def pretrain(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "pretrain.py"), *TINY, *RUN, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(torchrun(2, REPO / "pretrain.py", *TINY, *RUN, *args), env=cpu_env(), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
 
@@ -235,19 +212,18 @@ def losses(ckpt):
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
 
 
-def test_resume_after_resharding_continues_training(tmp_path, data):
+def test_resume_after_resharding_continues_training(tmp_path, slim_data):
     """TP=2 for 4 steps -> DeepSpeed checkpoint at PP=2 (and a consolidated one loaded at DP=2) -> 4 more steps,
     against 8 uninterrupted TP=2 steps."""
-    pretrain(["--tp=2", "--save", str(tmp_path / "full"), *data])
-    pretrain(["--tp=2", "--save", str(tmp_path / "a"), *data, "--set", "training.exit_after_steps=4"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    pretrain(["--tp=2", "--save", str(tmp_path / "full"), *slim_data])
+    pretrain(["--tp=2", "--save", str(tmp_path / "a"), *slim_data, "--set", "training.exit_after_steps=4"])
     subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "--to", "deepspeed", "--pp", "2",
-                    "--input", str(tmp_path / "a"), "--output", str(tmp_path / "pp2")], env=env, check=True,
+                    "--input", str(tmp_path / "a"), "--output", str(tmp_path / "pp2")], env=cpu_env(), check=True,
                    capture_output=True)
-    out = pretrain(["--pp=2", "--save", str(tmp_path / "pp2"), *data])
+    out = pretrain(["--pp=2", "--save", str(tmp_path / "pp2"), *slim_data])
     assert "resumed from" in out and "step 4, 32 samples consumed" in out
     assert convert_main(["--to", "consolidated", "--input", str(tmp_path / "a"), "--output", str(tmp_path / "c")]) == 0
-    out = pretrain(["--save", str(tmp_path / "dp2"), *data, "--set", f"checkpoint.load={tmp_path / 'c'}"])
+    out = pretrain(["--save", str(tmp_path / "dp2"), *slim_data, "--set", f"checkpoint.load={tmp_path / 'c'}"])
     assert "loaded consolidated checkpoint" in out and "step 4, 32 samples consumed" in out
     full = losses(tmp_path / "full")
     for run in ("pp2", "dp2"):

@@ -1,5 +1,4 @@
 """GPT samples: packing properties, Megatron's epoch rules, document mode, cache, splits, blending, resume."""
-import os
 
 import numpy as np
 import pytest

@@ -99,7 +99,7 @@ def test_damaged_files_name_the_file(tmp_path, mutate, words):
 
 def test_merge(tmp_path):
     a = write(tmp_path / "a", [[1, 2], [3]], np.uint16)
-    b = write(tmp_path / "b", [[4, 5, 6]], np.uint16)
+    write(tmp_path / "b", [[4, 5, 6]], np.uint16)
     m = merge([a.bin_path, tmp_path / "b"], tmp_path / "m")
     assert [list(m[i]) for i in range(3)] == [[1, 2], [3], [4, 5, 6]] and list(m.doc_idx) == [0, 1, 2, 3]
     write(tmp_path / "c", [[1]], np.int32)

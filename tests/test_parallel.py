@@ -3,15 +3,9 @@
 Two process launches (2 and 4 ranks, gloo on CPU) run every scenario of tests/dist_worker.py;
 the tests below assert on what they measured.
 """
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
-from conftest import REPO
+from conftest import dist_suite
 
 TOL = 1e-5  # fp32 loss and gradients
 NORM_TOL = 1e-5  # global gradient norm (about 0.5-1 here), which DeepSpeed computes over TP/PP/DP shards
@@ -21,31 +15,14 @@ PARAM_TOL = 5e-4  # parameters after 4 AdamW steps at lr 3e-3: Adam turns float 
 BF16_LOSS_TOL = 5e-3  # bf16 weights and activations, fp32 accumulation, vs the fp32 reference
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp(f"world{world}") / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}",
-           str(REPO / "tests" / "dist_worker.py"), f"--suite=world{world}", f"--out={out}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
-
-
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
-    return launch(2, tmp_path_factory)
+    return dist_suite(2, "world2", tmp_path_factory.mktemp("world2"))
 
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory):
-    return launch(4, tmp_path_factory)
+    return dist_suite(4, "world4", tmp_path_factory.mktemp("world4"))
 
 
 def check_grads(r):

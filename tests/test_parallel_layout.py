@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megaqkv.analysis import main as analyze_main, per_rank_parameters
-from megaqkv.config import Config, ConfigError, ParallelConfig, TrainingConfig, load_config, load_model_config
+from megaqkv.config import Config, ConfigError, TrainingConfig, load_config, load_model_config
 from megaqkv.model import GPT
 from megaqkv.parallel.grid import SINGLE, TPGroup
 from megaqkv.parallel.layers import padded_vocab_size, vocab_parallel_cross_entropy

@@ -1,14 +1,12 @@
 """tools/preprocess_data.py end to end: fixture vs direct tokenisation, inputs, bad lines, resume, atomicity."""
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
-import pytest
 import zstandard
 
 from megaqkv.data.indexed import IndexedDataset

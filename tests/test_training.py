@@ -4,17 +4,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-from megaqkv.data.preprocess import Options, preprocess
 from megaqkv.training.pretrain import main as pretrain_main
 
-from conftest import FIXTURES, MODEL_CONFIGS, REPO
+from conftest import MODEL_CONFIGS, REPO, cpu_env, torchrun
 
 TINY = ["--model-config", str(MODEL_CONFIGS / "tiny_kv.yaml"), "--train-config", str(REPO / "train_configs" / "tiny.yaml")]
 # A small step (8 sequences of 64 tokens) keeps each launch to seconds; hidden dropout stays on (0.1), so exact
@@ -24,28 +21,13 @@ SMALL = ["--set", "training.micro_batch_size=4", "--set", "training.global_batch
          "--set", "eval.at_start=true", "--set", "logging.interval=1", "--set", "checkpoint.interval=0"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "slim"
-    preprocess(Options(inputs=[str(FIXTURES / "SlimPajama-627B")], output_prefix=str(out), progress=False))
-    return ["--data-path", f"{out}_train_text_document", "--valid-data-path", f"{out}_validation_text_document"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, **popen):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "pretrain.py"), *TINY, *SMALL, *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+def launch(args, **popen):
+    return subprocess.Popen(torchrun(2, REPO / "pretrain.py", *TINY, *SMALL, *args), env=cpu_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
 def train(args) -> str:
-    proc = torchrun(args)
+    proc = launch(args)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-6000:]
     return out
@@ -58,22 +40,22 @@ def metrics(ckpt):
 
 
 @pytest.mark.parametrize("layout", ["--tp=2", "--pp=2"])
-def test_loss_falls_and_resume_is_exact(tmp_path, data, layout):
+def test_loss_falls_and_resume_is_exact(tmp_path, slim_data, layout):
     steps = ["--set", "training.train_steps=8", "--set", "eval.interval=4"]
-    full = train([layout, "--save", str(tmp_path / "full"), *data, *steps])
+    full = train([layout, "--save", str(tmp_path / "full"), *slim_data, *steps])
     assert "finished at step 8/8" in full and "TensorBoard logs in" in full
     train_rows, valid_rows = metrics(tmp_path / "full")
     assert train_rows[-1][1] < train_rows[0][1] - 1.0 and valid_rows[-1][1] < valid_rows[0][1] - 1.0
-    first = train([layout, "--save", str(tmp_path / "cut"), *data, *steps, "--set", "training.exit_after_steps=3"])
+    first = train([layout, "--save", str(tmp_path / "cut"), *slim_data, *steps, "--set", "training.exit_after_steps=3"])
     assert "exit_after_steps=3 at step 3/8" in first
-    second = train([layout, "--save", str(tmp_path / "cut"), *data, *steps])
+    second = train([layout, "--save", str(tmp_path / "cut"), *slim_data, *steps])
     assert "resumed from" in second and "step 3, 24 samples consumed" in second
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")  # bit-identical losses, norms, LR, validation
 
 
-def test_sigterm_saves_and_a_half_written_checkpoint_is_skipped(tmp_path, data):
+def test_sigterm_saves_and_a_half_written_checkpoint_is_skipped(tmp_path, slim_data):
     ckpt = tmp_path / "ckpt"
-    proc = torchrun(["--pp=2", "--save", str(ckpt), *data, "--set", "training.train_steps=500",
+    proc = launch(["--pp=2", "--save", str(ckpt), *slim_data, "--set", "training.train_steps=500",
                      "--set", "eval.interval=0", "--set", "eval.at_start=false"])
     lines = []
     deadline = time.time() + 300
@@ -97,7 +79,7 @@ def test_sigterm_saves_and_a_half_written_checkpoint_is_skipped(tmp_path, data):
     shutil.copytree(ckpt / tag, partial)
     (partial / "megaqkv_complete.json").unlink()
     (ckpt / "latest").unlink()
-    resumed = train(["--pp=2", "--save", str(ckpt), *data, "--set", f"training.train_steps={step + 2}",
+    resumed = train(["--pp=2", "--save", str(ckpt), *slim_data, "--set", f"training.train_steps={step + 2}",
                      "--set", "eval.interval=0", "--set", "eval.at_start=false"])
     assert f"resuming from {tag}" in resumed and f"resumed from {ckpt}/{tag}: step {step}" in resumed
     assert f"finished at step {step + 2}/{step + 2}" in resumed
@@ -131,8 +113,8 @@ def test_missing_data_says_how_to_make_it(tmp_path, monkeypatch, capsys):
     (["--ds-config", "nope.json"], 1, "nope.json: DeepSpeed config not found"),
     (["--set", "training.lr=-1"], 1, "training.lr: must be positive"),
 ])
-def test_inconsistent_settings_fail_before_training(monkeypatch, capsys, data, args, world, words):
-    code, err = run_main([*data, *args], monkeypatch, capsys, world)
+def test_inconsistent_settings_fail_before_training(monkeypatch, capsys, slim_data, args, world, words):
+    code, err = run_main([*slim_data, *args], monkeypatch, capsys, world)
     assert code == 2 and words in err, err
 
 
