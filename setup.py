@@ -29,8 +29,8 @@ setup(
     ],
     extras_require={
         # megatron-core: an independent reader/writer of the .bin/.idx format for compatibility tests
-        # transformers: the HF export is checked against GPT2LMHeadModel itself
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12", "transformers>=4.40"],
+        # transformers: the HF export is checked against GPT2LMHeadModel itself; lm-eval: the harness adapter
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12", "transformers>=4.40", "lm-eval>=0.4.2"],
         "eval": ["lm-eval>=0.4.2", "transformers>=4.40"],
         "flash": ["flash-attn>=2.5"],
     },
@@ -39,5 +39,7 @@ setup(
         "megaqkv-preprocess=megaqkv.data.preprocess:main",
         "megaqkv-train-tokenizer=megaqkv.data.train_tokenizer:main",
         "megaqkv-convert=megaqkv.checkpoint.convert:main",
+        "megaqkv-evaluate=megaqkv.evaluation.cli:evaluate_main",
+        "megaqkv-generate=megaqkv.evaluation.cli:generate_main",
     ]},
 )

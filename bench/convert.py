@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from megaqkv.checkpoint import consolidated, deepspeed_format, hf, materialize, paper  # noqa: E402
 from megaqkv.checkpoint.consolidated import Consolidated  # noqa: E402
-from megaqkv.checkpoint.convert import model_from  # noqa: E402
+from megaqkv.checkpoint.loading import build_model  # noqa: E402
 from megaqkv.config import load_model_config  # noqa: E402
 from megaqkv.data.preprocess import Options, preprocess  # noqa: E402
 from megaqkv.parallel.sharding import canonical_shapes  # noqa: E402
@@ -88,7 +88,7 @@ def round_trip_table(work: Path) -> None:
         ck = random_state(preset)
         tokens = torch.randint(0, ck.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            ref = model_from(ck)(tokens).logits
+            ref = build_model(ck)(tokens).logits
         src = consolidated.save(ck, work / f"{preset}_c", force=True)
         cells = []
         for tp, pp in ((2, 2), (4, 1)):
@@ -97,11 +97,11 @@ def round_trip_table(work: Path) -> None:
             same = all(torch.equal(back.weights[k], ck.weights[k]) for k in ck.weights) and all(
                 torch.equal(back.optimizer[s][k], ck.optimizer[s][k]) for s in back.optimizer for k in ck.weights)
             with torch.no_grad():
-                diff = (model_from(back)(tokens).logits - ref).abs().max().item()
+                diff = (build_model(back)(tokens).logits - ref).abs().max().item()
             cells.append(f"{diff:.1e}{', bit-identical' if same else ''}")
         back = paper.read(paper.write(ck, work / f"{preset}.pt"))
         with torch.no_grad():
-            cells.append(f"{(model_from(back)(tokens).logits - ref).abs().max().item():.1e}")
+            cells.append(f"{(build_model(back)(tokens).logits - ref).abs().max().item():.1e}")
         from transformers import GPT2LMHeadModel
 
         path = hf.export(ck, work / f"{preset}_hf", force=True)

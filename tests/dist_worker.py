@@ -260,6 +260,21 @@ def write_checkpoint_scenario(preset: str, tp: int, pp: int, workdir: str) -> di
     return {"path": str(out)}
 
 
+def generate_scenario(preset: str, tp: int) -> dict:
+    """KV-cached greedy generation with the heads split over TP ranks, each caching its own, vs TP=1."""
+    from megaqkv.checkpoint.loading import build_model
+    from megaqkv.model.generation import Sampling, generate
+
+    ck = random_consolidated(preset)
+    grid = ProcessGrid(tp, 1)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22, 23, 24, 25, 26, 27]]
+    sampling = Sampling(max_new_tokens=10, temperature=0.8, top_k=50, seed=3)
+    sharded = generate(build_model(ck, grid.tp), prompts, sampling)
+    single = generate(build_model(ck), prompts, sampling)
+    return {"same_tokens": sharded.tokens == single.tokens, "tokens": sharded.tokens,
+            "rank_cache_bytes": sharded.cache_bytes, "single_cache_bytes": single.cache_bytes}
+
+
 def grid_error_scenario() -> dict:
     """A layout that does not fit the launched processes is a clear error, not a hang."""
     try:
@@ -285,7 +300,10 @@ SUITES = {
        ("eval tp2 kv", eval_scenario, dict(preset="kv", tp=2, pp=1)),
        ("eval pp2 qmqa", eval_scenario, dict(preset="qmqa", tp=1, pp=2)),
        ("eval dp2 qkv", eval_scenario, dict(preset="qkv", tp=1, pp=1)),
-       ("skip large gradient norm", skip_scenario, {})],
+       ("skip large gradient norm", skip_scenario, {}),
+       ("generate tp2 kv", generate_scenario, dict(preset="kv", tp=2)),
+       ("generate tp2 qmqa", generate_scenario, dict(preset="qmqa", tp=2)),
+       ("generate tp2 gqa4", generate_scenario, dict(preset="gqa4", tp=2))],
     # four processes: TP=4 (fused groups and replicated K/V), TP=2×PP=2, TP=2×DP=2, PP=2×DP=2
     "world4": [(f"grad tp4 {p}", grad_scenario, dict(preset=p, tp=4)) for p in ("qkv", "gqa4", "mqa", "qmqa", "kv")]
     + [("train tp2xpp2 qmqa", train_scenario, dict(preset="qmqa", tp=2, pp=2)),

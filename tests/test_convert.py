@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megaqkv.checkpoint import consolidated, deepspeed_format, paper
-from megaqkv.checkpoint.convert import main as convert_main, model_from
+from megaqkv.checkpoint.convert import main as convert_main
+from megaqkv.checkpoint.loading import build_model
 from megaqkv.variants import PRESETS
 
 from conftest import MODEL_CONFIGS, REPO, cpu_env, dist_suite, torchrun
@@ -33,7 +34,7 @@ def ds_checkpoints(tmp_path_factory):
 
 def logits(ck, tokens):
     with torch.no_grad():
-        return model_from(ck)(tokens).logits
+        return build_model(ck)(tokens).logits
 
 
 def tokens_for(cfg, seed=0):

@@ -95,3 +95,11 @@ def test_steps_above_the_gradient_norm_bound_are_skipped(world2):
     assert r["skipped"] == 3 and r["global_steps"] == 3
     assert r["param_change"] == 0.0  # weights untouched
     assert len(set(r["lrs"])) == 1  # and the LR schedule did not advance
+
+
+@pytest.mark.parametrize("preset, share", [("kv", 0.5), ("gqa4", 0.5), ("qmqa", 1.0)])
+def test_tensor_parallel_generation(world2, preset, share):
+    """Same sampled tokens as TP=1; each rank caches its own KV heads (MQA/Q-MQA: the one shared head)."""
+    r = world2[f"generate tp2 {preset}"]
+    assert r["same_tokens"] and all(len(t) == 10 for t in r["tokens"])
+    assert r["rank_cache_bytes"] == share * r["single_cache_bytes"]

@@ -17,49 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import consolidated, deepspeed_format, hf, paper
-from .consolidated import CheckpointError, Consolidated
-
-FORMATS = ("deepspeed", "consolidated", "paper", "hf")
-
-
-def detect(path: Path) -> str:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if consolidated.is_consolidated(path):
-        return "consolidated"
-    if hf.is_hf(path):
-        return "hf"
-    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
-        return "paper"
-    if deepspeed_format.is_deepspeed(path):
-        return "deepspeed"
-    raise CheckpointError(f"{path}: cannot tell its format; pass --from ({', '.join(FORMATS)})")
-
-
-def read(path: Path, fmt: str, tag: str | None = None, with_optimizer: bool = True, log=print) -> Consolidated:
-    if fmt == "consolidated":
-        return consolidated.load(path, with_optimizer, lazy=True)
-    if fmt == "deepspeed":
-        return deepspeed_format.read(path, tag, with_optimizer, log)
-    if fmt == "paper":
-        return paper.read(path)
-    return hf.read(path, log)
-
-
-def model_from(ck: Consolidated):
-    """The plain TP=1 model (fp32) holding a consolidated checkpoint's weights."""
-    from ..model import GPT
-    from ..parallel.sharding import shard_from_canonical
-
-    with torch.device("meta"):
-        model = GPT(ck.config)
-    model = model.to_empty(device="cpu").float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(shard_from_canonical(name, ck.weights.__getitem__, ck.config, 1, 0).float())
-    return model.eval()
-
+from . import consolidated, hf, paper
+from .consolidated import CheckpointError
+from .loading import FORMATS, build_model, detect, read
 
 def logits_of(path: Path, fmt: str, tokens: torch.Tensor, tag: str | None = None) -> torch.Tensor:
     with torch.no_grad():
@@ -68,7 +28,7 @@ def logits_of(path: Path, fmt: str, tokens: torch.Tensor, tag: str | None = None
 
             model = GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
             return model(tokens).logits
-        return model_from(read(path, fmt, tag, with_optimizer=False)).forward(tokens).logits
+        return build_model(read(path, fmt, tag, with_optimizer=False)).forward(tokens).logits
 
 
 def convert(args, log=print) -> Path:

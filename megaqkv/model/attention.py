@@ -65,11 +65,33 @@ class Attention(nn.Module):
         k = kv[:, :, :, 0]
         return q, k, (k if kv.shape[3] == 1 else kv[:, :, :, 1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
         q, k, v = self.project(x)
+        if cache is not None:
+            return self.out_proj(self.attend_cached(q, k, v, cache, layer).flatten(2))
         dropout = self.dropout_p if self.training else 0.0
         # Dropout on this rank's own heads draws from the per-rank stream.
         stream = self.tp.rng.fork() if dropout > 0 and self.tp.size > 1 else contextlib.nullcontext()
         with stream:
             out = causal_attention(q, k, v, dropout_p=dropout, backend=self.backend)
         return self.out_proj(out.flatten(2))
+
+    @staticmethod
+    def attend_cached(q, k, v, cache, layer: int) -> torch.Tensor:
+        """Attention of the new tokens over everything cached (prefill and decode).
+
+        The query heads of a KV group are stacked against that group's keys, so a grouped or multi-query
+        cache is read once per group, never repeated per query head (PyTorch's CPU SDPA kernel spends
+        milliseconds per layer on a one-token query at long contexts; two matmuls take microseconds).
+        K=V passes one cached tensor as both.
+        """
+        keys, values = cache.update(layer, k, v)  # [b, g, length, d]
+        b, n, heads, d = q.shape
+        groups = keys.shape[1]
+        grouped = q.reshape(b, n, groups, heads // groups, d).permute(0, 2, 3, 1, 4).reshape(b, groups, -1, d)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * d ** -0.5  # [b, g, r*n, length]
+        scores = scores.view(b, groups, heads // groups, n, -1).masked_fill(~cache.attention_mask(n)[:, None],
+                                                                            float("-inf"))
+        probs = scores.softmax(-1).to(values.dtype).view(b, groups, -1, scores.shape[-1])
+        out = torch.matmul(probs, values)  # [b, g, r*n, d]
+        return out.view(b, groups, heads // groups, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)

@@ -31,7 +31,9 @@ class PositionEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
         self.dropout = nn.Dropout(cfg.embedding_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is not None:
+            return self.dropout(x + self.weight[positions])
         seq = x.shape[1]
         if seq > self.weight.shape[0]:
             raise ValueError(f"sequence length {seq} exceeds max_position_embeddings={self.weight.shape[0]}")
@@ -61,14 +63,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln_1(x)))
+    def _forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln_1(x), cache, layer))
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointed and torch.is_grad_enabled():
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        if self.checkpointed and torch.is_grad_enabled() and cache is None:
             return checkpoint(self._forward, x, self.tp.rng)
-        return self._forward(x)
+        return self._forward(x, cache, layer)
 
 
 def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
@@ -102,10 +104,17 @@ class GPT(nn.Module):
         return self.wte if self.lm_head is None else self.lm_head
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> GPTOutput:
-        x = self.wpe(self.wte(tokens))
-        for layer in self.layers:
-            x = layer(x)
+                loss_mask: torch.Tensor | None = None, cache=None, valid: torch.Tensor | None = None) -> GPTOutput:
+        """With a `KVCache`, `tokens` continue what the cache holds (a left-padded prompt whose real tokens
+        `valid` marks, or one new token per sequence) and the cache advances past them."""
+        positions = None
+        if cache is not None:
+            positions = cache.begin(torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid)
+        x = self.wpe(self.wte(tokens), positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
+        if cache is not None:
+            cache.advance(tokens.shape[1])
         logits = self.head.logits(self.ln_f(x))
         loss = None if labels is None else masked_mean(vocab_parallel_cross_entropy(logits, labels, self.head.start, self.head.tp), loss_mask)
         return GPTOutput(logits, loss)

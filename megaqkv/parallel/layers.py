@@ -145,6 +145,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden: int, tp: TPGroup = SINGLE):
         super().__init__()
         self.tp = tp
+        self.vocab_size = vocab_size
         self.start, self.part, self.valid = vocab_partition(vocab_size, tp)
         self.weight = mark_sharded(nn.Parameter(torch.empty(self.part, hidden)), 0)
 
@@ -162,6 +163,16 @@ class VocabParallelEmbedding(nn.Module):
         if self.valid < self.part:
             out = out.masked_fill(torch.arange(self.part, device=out.device) >= self.valid, float("-inf"))
         return out
+
+
+def gather_vocab(logits: torch.Tensor, embedding: VocabParallelEmbedding) -> torch.Tensor:
+    """This rank's logit slice -> the full [..., vocab_size] logits on every rank (for sampling)."""
+    tp = embedding.tp
+    if tp.size == 1:
+        return logits[..., :embedding.vocab_size]
+    parts = [torch.empty_like(logits) for _ in range(tp.size)]
+    dist.all_gather(parts, logits.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=-1)[..., :embedding.vocab_size]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

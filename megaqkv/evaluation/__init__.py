@@ -1,0 +1,1 @@
+"""Evaluation: validation perplexity, the lm-evaluation-harness adapter, and the evaluate/generate commands."""

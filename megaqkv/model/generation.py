@@ -1,0 +1,94 @@
+"""KV-cached generation: one prefill of the (left-padded) prompts, then one token per step per sequence."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..parallel.layers import gather_vocab
+from .gpt import GPT
+from .kv_cache import KVCache
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1: no nucleus filter
+    stop_tokens: tuple[int, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per prompt, without the stop token
+    cache_bytes: int
+    cache_bytes_per_token: float
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    stopped: list[bool] = field(default_factory=list)
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """[batch, vocab] logits -> [batch] token ids (greedy at temperature 0)."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix reaching top_p (at least one)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], s: Sampling, cache_dtype: torch.dtype | None = None) -> Generation:
+    """Batched generation from prompts of different lengths. Under tensor parallelism every rank runs it with
+    the same seed; each caches its own heads and they agree on every sampled token."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    cfg = model.cfg
+    if max(max(p) for p in prompts) >= cfg.vocab_size:
+        raise ValueError(f"prompt token id {max(max(p) for p in prompts)} is outside the model's vocabulary of "
+                         f"{cfg.vocab_size}; use the tokenizer the model was trained with (--tokenizer)")
+    device = model.wte.weight.device
+    longest = max(len(p) for p in prompts)
+    if longest + s.max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {longest} tokens + {s.max_new_tokens} new ones exceeds the model's "
+                         f"{cfg.max_position_embeddings} positions")
+    batch = len(prompts)
+    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):  # left padding: every sequence's next token lands in the same slot
+        tokens[i, longest - len(p):] = torch.tensor(p, device=device)
+        valid[i, longest - len(p):] = True
+    cache = KVCache(cfg, batch, longest + s.max_new_tokens, cache_dtype or model.wte.weight.dtype, device,
+                    model.wte.tp)
+    generator = torch.Generator().manual_seed(s.seed)
+    stop = torch.tensor(list(s.stop_tokens) or [-1], device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = [[] for _ in prompts]
+    started = time.perf_counter()
+    logits = model(tokens, cache=cache, valid=valid).logits[:, -1]
+    prefill = time.perf_counter() - started
+    steps = 0
+    for step in range(s.max_new_tokens):
+        nxt = sample_next(gather_vocab(logits, model.head), s, generator)
+        done_now = done | torch.isin(nxt, stop)
+        for i in torch.nonzero(~done_now).flatten().tolist():
+            out[i].append(int(nxt[i]))
+        done = done_now
+        if bool(done.all()) or step == s.max_new_tokens - 1:
+            break
+        logits = model(nxt[:, None], cache=cache, valid=~done[:, None]).logits[:, -1]
+        steps += 1
+    return Generation(out, cache.nbytes, cache.bytes_per_token(), prefill, time.perf_counter() - started - prefill,
+                      steps, done.tolist())
