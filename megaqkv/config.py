@@ -203,8 +203,10 @@ class EvalConfig:
     at_start: bool = False  # also evaluate before the first step
 
     def validate(self, prefix: str = "eval.") -> None:
-        if self.interval < 0 or self.tokens < 1:
-            raise FieldError(prefix + ("interval" if self.interval < 0 else "tokens"), "must be positive")
+        if self.interval < 0:
+            raise FieldError(prefix + "interval", "must not be negative (0: validate only at the end)")
+        if self.tokens < 1:
+            raise FieldError(prefix + "tokens", "must be positive")
 
 
 @dataclass
@@ -270,6 +272,9 @@ def check_parallel_fits_model(model: ModelConfig, tp: int, pp: int, prefix: str 
         raise FieldError(prefix + "tp", f"tensor parallel size {tp} must divide num_kv_heads={g} or be a "
                                          f"multiple of it (then the KV heads are replicated); "
                                          f"use one of {[t for t in _divisors(n) if g % t == 0 or t % g == 0]}")
+    if model.ffn_hidden_size % tp:
+        raise FieldError(prefix + "tp", f"tensor parallel size {tp} must divide model.ffn_hidden_size="
+                                        f"{model.ffn_hidden_size} (the MLP is split by columns)")
     if pp > model.num_layers:
         raise FieldError(prefix + "pp", f"pipeline size {pp} exceeds num_layers={model.num_layers}")
 

@@ -138,6 +138,25 @@ def test_hf_export_logits_equal_ours(tmp_path, preset, capsys):
         assert max_diff(consolidated.load(tmp_path / "back").weights, truth.weights) == 0.0
 
 
+def test_lazy_checkpoint_without_biases_and_a_flash_trained_config(tmp_path):
+    import dataclasses
+
+    from megaqkv.parallel.sharding import canonical_shapes
+
+    ck = random_consolidated("qmqa")
+    ck.config = dataclasses.replace(ck.config, bias=False, attention_backend="flash")
+    keep = canonical_shapes(ck.config)
+    ck.weights = {k: v for k, v in ck.weights.items() if k in keep}
+    ck.optimizer = {}
+    consolidated.save(ck, tmp_path / "c")
+    lazy = consolidated.load(tmp_path / "c", lazy=True)
+    assert "layers.0.mlp.fc_in.bias" not in lazy.weights and "wte.weight" in lazy.weights
+    back = paper.read(paper.write(lazy, tmp_path / "p.pt"))
+    assert not back.config.bias and max_diff(back.weights, ck.weights) == 0.0
+    tokens = tokens_for(ck.config)  # trained with flash-attn, evaluated here on the CPU: the kernel is re-chosen
+    assert torch.isfinite(logits(lazy, tokens)).all()
+
+
 def test_verify_and_format_detection(tmp_path, capsys):
     truth = random_consolidated("qmqa")
     consolidated.save(truth, tmp_path / "a")

@@ -165,6 +165,13 @@ def test_adapter_generate_until_cuts_at_stop_strings(harness):
         assert cut == free[:free.index(stop)]
 
 
+def test_adapter_fits_long_generations_and_continuations_into_the_window(harness):
+    out = harness.generate_until([Req("Once", {"until": ["\n"], "max_gen_toks": 1000})])  # > the 256 positions
+    assert isinstance(out[0], str)
+    score, _ = harness.loglikelihood([Req("x", "y" * 400)])[0]  # longer than the window: the part that fits
+    assert score < 0
+
+
 def test_local_tasks_through_evaluate(tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
     monkeypatch.chdir(REPO)  # the task files name their data relative to the repository root

@@ -92,6 +92,7 @@ def cfg_with(tmp_path, **parallel):
     ("1.2B_qgqa8", {"tp": 16}, None),
     ("300M_mqa", {"tp": 16}, None),
     ("tiny_qkv", {"pp": 3}, "pipeline size 3 exceeds num_layers=2"),
+    ("300M_qkv", {"tp": 16}, None),
     ("tiny_qkv", {"tp": 0}, "must be at least 1"),
 ])
 def test_parallel_validation(tmp_path, preset, parallel, words):
@@ -101,6 +102,11 @@ def test_parallel_validation(tmp_path, preset, parallel, words):
         return
     with pytest.raises(ConfigError, match=f"^{run}: parallel.(tp|pp): .*{words}"):
         load_config(model, run)
+
+
+def test_tp_must_divide_the_mlp(tmp_path):
+    with pytest.raises(ConfigError, match="parallel.tp: tensor parallel size 2 must divide model.ffn_hidden_size=101"):
+        load_config(MODEL_CONFIGS / "tiny_kv.yaml", overrides=["parallel.tp=2", "model.ffn_hidden_size=101"])
 
 
 def test_tp_neither_multiple_nor_divisor_of_kv_heads(tmp_path):

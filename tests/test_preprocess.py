@@ -115,6 +115,12 @@ def test_strict_resume_keeps_earlier_lines(tmp_path, capsys):
     assert state["line"] == 30 and state["stats"]["documents"] == 30  # lines 1-30 are kept
     assert run("--input", src, "--output-prefix", prefix) == 0  # continue, skipping the bad line
     assert "continued 1 interrupted run" in capsys.readouterr().out
+    assert run("--input", src, "--output-prefix", tmp_path / "fresh") == 0  # the text counted once, as in one run
+    summary = lambda p: json.loads((tmp_path / f"{p}_summary.json").read_text())
+    assert summary("k")["text_bytes"] == summary("fresh")["text_bytes"]
+    (tmp_path / "k.preprocess_state.json").write_text("{not json")  # a damaged state yields to --overwrite
+    assert run("--input", src, "--output-prefix", prefix) == 1
+    assert run("--input", src, "--output-prefix", prefix, "--overwrite") == 0
     tok = build_tokenizer("gpt2")
     assert docs_of(tmp_path / "k_text_document") == [tok.encode_batch([f"doc {i}"])[0] + [50256] for i in range(50)]
 

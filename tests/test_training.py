@@ -84,6 +84,16 @@ def test_sigterm_saves_and_a_half_written_checkpoint_is_skipped(tmp_path, slim_d
     assert f"resuming from {tag}" in resumed and f"resumed from {ckpt}/{tag}: step {step}" in resumed
     assert f"finished at step {step + 2}/{step + 2}" in resumed
     assert not partial.exists()  # pruned once a newer complete checkpoint exists
+    # the same directory at another layout: a clear message before DeepSpeed tries to load it
+    from types import SimpleNamespace
+
+    from megaqkv.config import Config, ConfigError, load_model_config
+    from megaqkv.training.loop import resume
+
+    other = SimpleNamespace(tp_size=2, pp_size=1, dp_size=1)
+    with pytest.raises(ConfigError, match=r"was written at \{'tp': 1, 'pp': 2, 'dp': 1\}, this run is "
+                                          r"\{'tp': 2, 'pp': 1, 'dp': 1\}; convert it"):
+        resume(None, Config(model=load_model_config(MODEL_CONFIGS / "tiny_kv.yaml")), other, ckpt, print)
 
 
 def run_main(args, monkeypatch, capsys, world=1):

@@ -61,6 +61,27 @@ def test_resume_tag_prefers_latest_and_skips_incomplete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step20", "latest"]
 
 
+def test_prune_never_removes_the_checkpoint_just_written(tmp_path):
+    for step in (1000, 2000, 3000, 100):  # an older run's later steps, then this run's first save
+        (tmp_path / f"global_step{step}").mkdir()
+        (tmp_path / f"global_step{step}" / checkpointing.MARKER).write_text("{}")
+    checkpointing.prune(tmp_path, keep_last=3, keep="global_step100")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step100", "global_step1000", "global_step2000",
+                                                          "global_step3000"]
+
+
+def test_resume_refuses_a_used_directory_without_resume(tmp_path):
+    from megaqkv.config import ConfigError
+    from megaqkv.training.loop import resume
+
+    (tmp_path / "global_step5").mkdir()
+    (tmp_path / "global_step5" / checkpointing.MARKER).write_text("{}")
+    cfg = Config(model=load_model_config(MODEL_CONFIGS / "tiny_kv.yaml"))
+    cfg.checkpoint.resume = False
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run and checkpoint.resume is false"):
+        resume(None, cfg, None, tmp_path, print)
+
+
 def test_rng_state_round_trip():
     from megaqkv.parallel.random import RNGTracker
 

@@ -41,9 +41,13 @@ class LazyTensors(Mapping):
         self._file = safe_open(str(path), framework="pt")
         self._prefix = prefix
         self._names = [k[len(prefix):] for k in self._file.keys() if k.startswith(prefix)]
+        self._known = set(self._names)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._file.get_tensor(self._prefix + name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._known
 
     def __iter__(self):
         return iter(self._names)
@@ -97,13 +101,17 @@ def is_consolidated(path: Path) -> bool:
     return path.is_dir() and (path / "config.yaml").is_file() and (path / "model.safetensors").is_file()
 
 
-def prepare_output(path: Path, force: bool) -> Path:
-    """A fresh temporary sibling of `path`; refuses to replace an existing output unless forced."""
+def prepare_output(path: Path, force: bool, directory: bool = True) -> Path:
+    """A fresh temporary sibling of `path` (a directory, or a file name to write); refuses to replace an
+    existing output unless forced."""
     if path.exists() and not force:
         raise CheckpointError(f"{path}: already exists; choose another --output or pass --force to replace it")
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if directory:
+        tmp.mkdir(parents=True)
+    else:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
     return tmp
 
 
@@ -112,7 +120,7 @@ def commit_output(tmp: Path, path: Path) -> Path:
     writers such as safetensors narrow to the owner)."""
     umask = os.umask(0)
     os.umask(umask)
-    for f in tmp.rglob("*"):
+    for f in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
         if f.is_file():
             os.chmod(f, 0o666 & ~umask)
     if path.exists():

@@ -51,7 +51,8 @@ def locate(path: str | Path, tag: str | None = None) -> Path:
     return tag_dir
 
 
-def _client_state(tag_dir: Path) -> dict:
+def client_state_of(tag_dir: Path) -> dict:
+    """What our pretrain.py stored next to DeepSpeed's state (config, layout, position), read safely."""
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
@@ -63,7 +64,7 @@ def _client_state(tag_dir: Path) -> dict:
 
 def read(path: str | Path, tag: str | None = None, with_optimizer: bool = True, log=print) -> Consolidated:
     tag_dir = locate(path, tag)
-    client = _client_state(tag_dir)
+    client = client_state_of(tag_dir)
     try:
         cfg = model_config_from_dict(client["config"]["model"], source=f"{tag_dir}/mp_rank_00_model_states.pt")
     except ConfigError as exc:
@@ -103,7 +104,7 @@ def _read_optimizer(tag_dir: Path, client: dict, cfg, tp: int, ck: Consolidated,
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if result.returncode:
             raise CheckpointError(f"{tag_dir}: DeepSpeed's ds_to_universal failed on the optimizer files:\n"
-                                  f"{result.stderr[-2000:]}\nconvert without --with-optimizer to take the weights only")
+                                  f"{result.stderr[-2000:]}\npass --weights-only to take the weights alone")
         zero = out / "zero"
         states: dict[str, dict] = {"fp32": {}, **{k: {} for k in STATE_KEYS}}
         step = None

@@ -48,7 +48,10 @@ def export(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
                         n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_hidden_size,
                         activation_function="gelu", resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.embedding_dropout,
                         attn_pdrop=cfg.attention_dropout, layer_norm_epsilon=cfg.layernorm_eps,
-                        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=50256, eos_token_id=50256)
+                        tie_word_embeddings=cfg.tie_embeddings,
+                        # GPT-2's <|endoftext|> when the vocabulary has it (other tokenizers: set it after export)
+                        bos_token_id=50256 if cfg.vocab_size > 50256 else None,
+                        eos_token_id=50256 if cfg.vocab_size > 50256 else None)
     zeros = lambda n: torch.zeros(n, dtype=w["wte.weight"].dtype)
     bias = lambda name, n: w[name] if cfg.bias else zeros(n)
     sd = {"transformer.wte.weight": w["wte.weight"], "transformer.wpe.weight": w["wpe.weight"],

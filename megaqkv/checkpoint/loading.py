@@ -1,6 +1,7 @@
 """Any checkpoint format -> consolidated -> a ready model (at any TP rank, device and dtype)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -40,9 +41,10 @@ def read(path: Path, fmt: str, tag: str | None = None, with_optimizer: bool = Tr
 
 def build_model(ck: Consolidated, tp: TPGroup = SINGLE, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> GPT:
-    """The plain model (this TP rank's shards) holding a checkpoint's weights, in eval mode."""
+    """The plain model (this TP rank's shards) holding a checkpoint's weights, in eval mode. The attention
+    kernel is chosen for this machine (`auto`), not the one the checkpoint was trained with."""
     with torch.device("meta"):
-        model = GPT(ck.config, tp=tp)
+        model = GPT(dataclasses.replace(ck.config, attention_backend="auto"), tp=tp)
     model = model.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():

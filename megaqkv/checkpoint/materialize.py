@@ -22,8 +22,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, source: str, out: str, tp: int, pp: int, precision: str) -> None:
+    # CPU processes (gloo) whatever the machine: the layout may need more ranks than there are GPUs
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     from ..config import Config, ParallelConfig, TrainingConfig
     from ..parallel import ProcessGrid, init_distributed

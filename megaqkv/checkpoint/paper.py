@@ -14,7 +14,6 @@ is refused rather than executed.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ModelConfig, model_config_from_dict
-from .consolidated import CheckpointError, Consolidated
+from .consolidated import CheckpointError, Consolidated, commit_output, prepare_output
 
 _PER_LAYER = {"ln_1": "ln_1", "ln_2": "ln_2", "mlp.c_fc": "mlp.fc_in", "mlp.c_proj": "mlp.fc_out",
               "attn.c_proj": "attn.out_proj"}
@@ -132,8 +131,7 @@ def read(path: str | Path) -> Consolidated:
 def write(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
     """Consolidated -> a reference checkpoint the paper's scripts load (causal masks stored as bool)."""
     path = Path(path)
-    if path.exists() and not force:
-        raise CheckpointError(f"{path}: already exists; choose another --output or pass --force to replace it")
+    tmp = prepare_output(path, force, directory=False)
     cfg: ModelConfig = ck.config
     w = ck.weights
     sd = {"wte.weight": w["wte.weight"], "wpe.weight": w["wpe.weight"], "ln_f.weight": w["ln_f.weight"],
@@ -159,8 +157,5 @@ def write(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
                             "bias": cfg.bias, "dropout": cfg.hidden_dropout},
            "train_config": {}, "step": int(trainer.get("step", 0)),
            "tokens_seen": int(trainer.get("tokens_seen", 0))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     torch.save(out, tmp)
-    os.replace(tmp, path)
-    return path
+    return commit_output(tmp, path)

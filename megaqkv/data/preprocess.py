@@ -97,7 +97,7 @@ class ChunkResult:
     lengths: np.ndarray
     docs: list[tuple[int, str, int]]  # (line, set name, key index) per document, in order
     errors: list[tuple[int, str]]
-    text_bytes: int
+    text_sizes: list[int]  # UTF-8 bytes of each document's text
     last_line: int
     position: int  # input bytes consumed after this chunk
 
@@ -114,7 +114,7 @@ def _init_worker(tokenizer: str | Tokenizer, keys: list[str], append_eod: bool, 
 def _process_chunk(chunk: list[tuple[int, object]], position: int) -> ChunkResult:
     tok: Tokenizer = _WORKER["tokenizer"]
     keys = _WORKER["keys"]
-    texts, docs, errors, text_bytes = [], [], [], 0
+    texts, docs, errors, text_sizes = [], [], [], []
     for number, payload in chunk:
         if isinstance(payload, bytes) and not payload.strip():
             continue  # blank line between records
@@ -125,13 +125,13 @@ def _process_chunk(chunk: list[tuple[int, object]], position: int) -> ChunkResul
         for k, text in enumerate(parsed):
             texts.append(text)
             docs.append((number, name, k))
-            text_bytes += len(text.encode("utf-8"))
+            text_sizes.append(len(text.encode("utf-8")))
     ids = tok.encode_batch(texts) if texts else []
     if _WORKER["eod"]:
         ids = [seq + [tok.eod] for seq in ids]
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_WORKER["dtype"], count=int(lengths.sum()))
-    return ChunkResult(flat, lengths, docs, errors, text_bytes, chunk[-1][0] if chunk else 0, position)
+    return ChunkResult(flat, lengths, docs, errors, text_sizes, chunk[-1][0] if chunk else 0, position)
 
 
 # --------------------------------------------------------------------------- main process
@@ -201,15 +201,13 @@ class Run:
         self.report.seek(self.report_bytes)
 
     def _load_state(self) -> bool:
-        if not self.state_path.is_file():
+        if not self.state_path.is_file() or self.opts.overwrite:
             return False
         try:
             state = json.loads(self.state_path.read_text())
         except json.JSONDecodeError:
             raise PreprocessError(f"{self.state_path}: unreadable resume state; delete it (and the *.tmp files next "
                                   "to it) or pass --overwrite to start over") from None
-        if self.opts.overwrite:
-            return False
         if state.get("settings") != self.settings:
             raise PreprocessError(
                 f"{self.state_path}: an unfinished run with different inputs or settings wrote here (the input "
@@ -268,7 +266,7 @@ class Run:
             out["tokens"] += int(r.lengths[idx].sum())
         self.stats["documents"] += keep
         self.stats["tokens"] += int(offsets[keep])
-        self.stats["text_bytes"] += r.text_bytes
+        self.stats["text_bytes"] += sum(r.text_sizes[:keep])
         for line, reason in r.errors:
             if until_line is not None and line >= until_line:
                 break

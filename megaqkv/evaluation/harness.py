@@ -63,13 +63,15 @@ class MegaqkvLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             group = order[start:start + self.batch_size]
             inputs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):][:-1] for i in group]
+            # a continuation longer than the window is scored on the part that fits (as lm-eval's HF model does)
+            conts = [pairs[i][1][-len(x):] for i, x in zip(group, inputs)]
             width = max(len(x) for x in inputs)
             tokens = torch.zeros(len(group), width, dtype=torch.long, device=self._device)
             for row, x in enumerate(inputs):
                 tokens[row, :len(x)] = torch.tensor(x, device=self._device)
             logp = F.log_softmax(gather_vocab(self.model(tokens).logits, self.model.head).float(), dim=-1)
             for row, i in enumerate(group):
-                cont = pairs[i][1]
+                cont = conts[row]
                 end = len(inputs[row])
                 scores = logp[row, end - len(cont):end]
                 target = torch.tensor(cont, device=self._device)
@@ -94,7 +96,8 @@ class MegaqkvLM(TemplateLM):
             kwargs = dict(r.args[1])
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            sampling = (int(kwargs.get("max_gen_toks", 256)), float(kwargs.get("temperature", 0.0))
+            max_new = min(int(kwargs.get("max_gen_toks", 256)), self.max_length - 1)  # leave room for a prompt
+            sampling = (max_new, float(kwargs.get("temperature", 0.0))
                         if kwargs.get("do_sample") else 0.0, tuple(until))
             groups.setdefault(sampling, []).append(i)
         for (max_new, temperature, until), members in groups.items():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..data.indexed import IndexedDataset
 from ..model import GPT
+from ..parallel.grid import comm_device
 from ..parallel.layers import gather_vocab
 
 
@@ -68,7 +69,7 @@ def _token_losses(model: GPT, tokens: torch.Tensor) -> torch.Tensor:
 
 def _all_reduce(values: list[float]) -> list[float]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=comm_device())
         dist.all_reduce(t)
         return t.tolist()
     return values

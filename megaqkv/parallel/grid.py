@@ -51,6 +51,13 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
                                timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def comm_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class ProcessGrid:
     """Ranks laid out by DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model; TP fastest).
 

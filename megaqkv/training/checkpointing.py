@@ -75,17 +75,19 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
         tmp = directory / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, directory / "latest")
-        prune(directory, keep_last)
+        prune(directory, keep_last, keep=tag)
     dist.barrier()
     return directory / tag
 
 
-def prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop older ones and any incomplete leftovers (called
-    right after a checkpoint is complete, when no other one can be in the middle of being written)."""
+def prune(directory: Path, keep_last: int, keep: str | None = None) -> None:
+    """Keep the newest `keep_last` complete checkpoints (and `keep`, the one just written); drop older ones and
+    any incomplete leftovers (called right after a checkpoint is complete, when no other one can be in the
+    middle of being written)."""
     tags = complete_tags(directory)
     doomed = tags[:-keep_last] if keep_last else []
     doomed += [p.name for p in directory.iterdir() if TAG.match(p.name) and not (p / MARKER).is_file()]
+    doomed = [t for t in doomed if t != keep]
     for tag in doomed:
         shutil.rmtree(directory / tag, ignore_errors=True)
 

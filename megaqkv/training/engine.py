@@ -101,7 +101,7 @@ def build_optimizer(named_params, training: TrainingConfig) -> torch.optim.Optim
     if exempt:
         groups.append({"params": exempt, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=training.lr, betas=tuple(training.betas), eps=training.eps,
-                             fused=torch.cuda.is_available())
+                             fused=all(p.is_cuda for p in decay + exempt))
 
 
 def skip_steps_above(engine, optimizer: torch.optim.Optimizer, bound: float | None) -> None:

@@ -12,13 +12,14 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError
 from ..model.pipeline import PipelineLoss
-from ..parallel.grid import ProcessGrid
+from ..parallel.grid import ProcessGrid, comm_device
 from . import checkpointing
 from .data import build_datasets, eval_batches, step_batches
 from .engine import build_engine
 from .monitor import Monitor
 from .schedule import align_schedule
 from ..checkpoint import consolidated
+from ..checkpoint.deepspeed_format import client_state_of
 from ..checkpoint.engine_state import load_into_engine
 
 
@@ -43,7 +44,7 @@ class StopRequest:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -65,9 +66,9 @@ def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[flo
     finally:
         module.loss_fn = train_loss
         engine.total_loss = None
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=comm_device())
     if grid.is_last_stage:
-        totals = out.detach().double().cpu() * len(batches) * grid.dp_size  # undo the engine's averaging
+        totals = out.detach().double().to(totals.device) * len(batches) * grid.dp_size  # undo the engine's averaging
     src = grid.topology.get_rank(pipe=grid.pp_size - 1, data=grid.dp_rank, model=grid.tp_rank)
     dist.broadcast(totals, src=src, group=grid.mpu.get_pipe_parallel_group())
     return (totals[0] / totals[1]).item(), int(round(totals[1].item()))
@@ -76,7 +77,10 @@ def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[flo
 def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -> int:
     """Continue from the newest complete checkpoint in `checkpoint.dir`; else start from `checkpoint.load` (a
     DeepSpeed checkpoint of this layout, or a consolidated one at any layout). Returns samples consumed."""
-    if ckpt_dir and cfg.checkpoint.resume and checkpointing.complete_tags(ckpt_dir):
+    if ckpt_dir and checkpointing.complete_tags(ckpt_dir):
+        if not cfg.checkpoint.resume:
+            raise ConfigError(f"checkpoint.dir: {ckpt_dir} holds checkpoints of an earlier run and checkpoint.resume "
+                              "is false; use an empty directory (its checkpoints would be pruned by step number)")
         source = ckpt_dir
     elif cfg.checkpoint.load:
         source = Path(cfg.checkpoint.load)
@@ -92,11 +96,12 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
         say(f"warning: {warning}")
     if tag is None:
         raise ConfigError(f"{source}: no complete checkpoint to start from")
+    written_at = client_state_of(source / tag)["layout"]  # before DeepSpeed, whose own failure is obscure
+    if written_at != checkpointing.layout_of(grid):
+        raise ConfigError(f"{source}/{tag} was written at {written_at}, this run is {checkpointing.layout_of(grid)}; "
+                          "convert it (tools/convert_ckpt.py --to consolidated, then checkpoint.load=<that directory>, "
+                          "or --to deepspeed at this layout) or run at the checkpoint's layout")
     _, client = engine.load_checkpoint(str(source), tag=tag)
-    if client["layout"] != checkpointing.layout_of(grid):
-        raise ConfigError(f"{source}/{tag} was written at {client['layout']}, this run is "
-                          f"{checkpointing.layout_of(grid)}; convert it (tools/convert_ckpt.py --to consolidated, then "
-                          "checkpoint.load=<that directory>) or run at the checkpoint's layout")
     checkpointing.set_rng_state(client["rng"], grid.tp.rng)
     say(f"resumed from {source}/{tag}: step {engine.global_steps}, {client['consumed_samples']:,} samples consumed")
     return client["consumed_samples"]
