@@ -113,10 +113,6 @@ class IndexedDataset:
     def num_documents(self) -> int:
         return len(self.doc_idx) - 1
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.sizes.sum(dtype=np.int64))
-
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
 

@@ -84,10 +84,6 @@ class ProcessGrid:
         self.tp = TPGroup(tp, self.tp_rank, self.mpu.get_slice_parallel_group() if tp > 1 else None)
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
