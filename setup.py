@@ -38,7 +38,7 @@ setup(
         "megaqkv-analyze=megaqkv.analysis:main",
         "megaqkv-preprocess=megaqkv.data.preprocess:main",
         "megaqkv-train-tokenizer=megaqkv.data.train_tokenizer:main",
-        "megaqkv-convert=megaqkv.checkpoint.convert:main",
+        "megaqkv-convert=megaqkv.convert:main",
         "megaqkv-evaluate=megaqkv.evaluation.cli:evaluate_main",
         "megaqkv-generate=megaqkv.evaluation.cli:generate_main",
     ]},

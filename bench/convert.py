@@ -23,7 +23,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from megaqkv.checkpoint import consolidated, deepspeed_format, hf, materialize, paper  # noqa: E402
+from megaqkv.checkpoint import consolidated, deepspeed_format, hf, paper  # noqa: E402
+from megaqkv.training import materialize  # noqa: E402
 from megaqkv.checkpoint.consolidated import Consolidated  # noqa: E402
 from megaqkv.checkpoint.loading import build_model  # noqa: E402
 from megaqkv.config import load_model_config  # noqa: E402

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +110,15 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     activation_checkpointing: bool = False  # recompute each block in backward
+    # A collective that waits longer raises, so a stopped rank ends the job instead of hanging it.
+    collective_timeout_s: float = 600.0
 
     def validate(self, prefix: str = "parallel.") -> None:
         for key in ("tp", "pp"):
             if getattr(self, key) < 1:
                 raise FieldError(prefix + key, f"must be at least 1, got {getattr(self, key)}")
+        if self.collective_timeout_s <= 0:
+            raise FieldError(prefix + "collective_timeout_s", f"must be positive, got {self.collective_timeout_s}")
 
 
 @dataclass
@@ -136,6 +142,7 @@ class TrainingConfig:
     decay_norms_and_biases: bool = True  # the paper decays every parameter; false exempts biases and LayerNorms
     grad_clip: float = 1.0
     skip_grad_norm_above: typing.Optional[float] = 100.0  # skip (and count) a step with a larger gradient norm
+    max_nonfinite_steps: int = 10  # stop with an error after this many consecutive steps with a non-finite loss
     train_tokens: typing.Optional[int] = None  # stop after this many tokens (rounded up to whole steps) ...
     train_steps: typing.Optional[int] = None  # ... or after this many steps; set exactly one
     exit_after_steps: typing.Optional[int] = None  # end this invocation (with a checkpoint) after so many steps
@@ -143,7 +150,7 @@ class TrainingConfig:
 
     def validate(self, prefix: str = "training.") -> None:
         for key in ("micro_batch_size", "global_batch_size", "gradient_accumulation_steps", "seq_length",
-                    "train_tokens", "train_steps", "exit_after_steps"):
+                    "train_tokens", "train_steps", "exit_after_steps", "max_nonfinite_steps"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise FieldError(prefix + key, f"must be at least 1, got {value}")
@@ -293,16 +300,17 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
             return None
+        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
             try:
                 return _coerce(value, arg, key)
-            except FieldError:
-                pass
+            except FieldError as exc:
+                errors.append(exc)
+        if len(errors) == 1:  # Optional[X]: X's own message (e.g. "must be finite") says more
+            raise errors[0]
         raise FieldError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -331,6 +339,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise FieldError(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise FieldError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -363,14 +373,48 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one mapping, which plain YAML loading resolves silently to the last value."""
+
+
+class Loader(yaml.SafeLoader):
+    """SafeLoader for every config read: exponent floats without a dot (`3e-4`, `1e5`, YAML 1.2) are floats,
+    not the strings YAML 1.1 makes of them, and a duplicate key is an error instead of silently the last."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in lines:
+                    raise DuplicateKeyError(problem=f"duplicate key {key!r} on lines {lines[key]} and {line}; "
+                                                    "keep one")
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        data = yaml.load(path.read_bytes().decode("utf-8"), Loader=Loader)
+    except (UnicodeDecodeError, yaml.reader.ReaderError):
+        raise ConfigError(f"{path}: not a text YAML file (binary or not UTF-8); give a .yaml config") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {exc.problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -387,7 +431,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(f"--set {text}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=Loader) if raw.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--set {text}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw
     return path, value
@@ -408,10 +454,15 @@ def _schema_check(cls: type, path: list[str], text: str) -> None:
 
 def apply_overrides(raw: dict, overrides: Sequence[str], schema: type = Config) -> list[str]:
     """Edit the raw mapping in place; return the overrides as applied (for the run log)."""
-    applied = []
+    applied, given = [], {}
     for text in overrides:
         path, value = parse_override(text)
         _schema_check(schema, path, text)
+        for other, first in given.items():
+            if path[:len(other)] == list(other) or other[:len(path)] == tuple(path):
+                raise ConfigError(f"--set {text}: {'.'.join(other)} is already set by --set {first}; "
+                                  "give each key once")
+        given[tuple(path)] = text
         node = raw
         for part in path[:-1]:
             node = node.setdefault(part, {})

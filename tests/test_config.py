@@ -1,8 +1,11 @@
 """Config loading: every invalid combination is rejected at load time, naming the file and the key."""
+import re
+
 import pytest
+import torch
 import yaml
 
-from megaqkv.config import ConfigError, load_config, load_model_config, model_config_from_dict
+from megaqkv.config import ConfigError, Loader, load_config, load_model_config, model_config_from_dict
 from megaqkv.variants import PRESETS
 
 from conftest import MODEL_CONFIGS
@@ -98,3 +101,70 @@ def test_plain_data_round_trip(tmp_path):
     assert model_config_from_dict(data["model"]) == cfg.model
     with pytest.raises(ConfigError, match="ckpt: model.sharing"):
         model_config_from_dict({**data["model"], "sharing": "bogus"}, source="ckpt")
+
+
+@pytest.mark.parametrize("text, value", [("3e-4", 3e-4), ("1e5", 1e5), ("+1E5", 1e5), ("-2e-3", -2e-3),
+                                         ("1.0e5", 1e5), ("3e", "3e"), ("1e-4abc", "1e-4abc")])
+def test_exponent_floats_without_a_dot_are_floats(text, value):
+    assert yaml.load(text, Loader=Loader) == value
+    assert yaml.safe_load("3e-4") == "3e-4"  # PyYAML's own loader is left as it is
+
+
+def test_exponent_floats_in_files_and_overrides(tmp_path):
+    run = write(tmp_path, "training:\n  lr: 3e-4\n  min_lr: 1e-5\n", "run.yaml")
+    assert load_config(write(tmp_path, BASE), run).training.lr == 3e-4
+    cfg = load_config(write(tmp_path, BASE), overrides=["training.lr=3e-4", "training.eps=1e-8"]).training
+    assert (cfg.lr, cfg.eps) == (3e-4, 1e-8)
+
+
+@pytest.mark.parametrize("override", ["training.lr=.nan", "training.grad_clip=.inf", "model.init_std=-.inf",
+                                      "training.skip_grad_norm_above=.nan", "training.betas=[0.9, .nan]",
+                                      "parallel.collective_timeout_s=1e400"])
+def test_non_finite_floats_are_rejected_naming_the_key(tmp_path, override):
+    key = override.split("=")[0] + ("[1]" if "betas" in override else "")
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: must be a finite number"):
+        load_config(write(tmp_path, BASE), overrides=[override])
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xff\xfe\x80", bytes(range(256)),
+                                     b"num_layers: 2\x00\n"])
+def test_binary_files_are_not_configs(tmp_path, content):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: not a text YAML file"):
+        load_model_config(path)
+
+
+def test_torch_checkpoint_is_not_a_config(tmp_path):
+    torch.save({"model_state_dict": {"w": torch.zeros(2)}}, tmp_path / "ck.pt")
+    with pytest.raises(ConfigError, match="ck.pt: not a text YAML file"):
+        load_config(write(tmp_path, BASE), tmp_path / "ck.pt")
+
+
+def test_duplicate_keys_name_both_lines(tmp_path):
+    path = write(tmp_path, BASE + "hidden_dropout: 0.0\nnum_layers: 4\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: .*duplicate key 'num_layers' on lines 1 and 6"):
+        load_model_config(path)
+    run = write(tmp_path, "training:\n  lr: 1e-3\n  warmup_steps: 5\n  lr: 2e-3\n", "run.yaml")
+    with pytest.raises(ConfigError, match="run.yaml: .*duplicate key 'lr' on lines 2 and 4"):
+        load_config(write(tmp_path, BASE), run)
+    with pytest.raises(ConfigError, match="duplicate key 'a'"):
+        load_config(write(tmp_path, BASE), overrides=["data.path={a: 1, a: 2}"])
+
+
+@pytest.mark.parametrize("overrides, first", [(["training.lr=1e-3", "training.lr=2e-3"], "training.lr=1e-3"),
+                                              (["training={lr: 1}", "training.lr=2e-3"], "training={lr: 1}")])
+def test_duplicate_overrides_name_both(tmp_path, overrides, first):
+    with pytest.raises(ConfigError, match=re.escape(f"--set {overrides[1]}: {first.split('=')[0]} is already set "
+                                                    f"by --set {first}")):
+        load_config(write(tmp_path, BASE), overrides=overrides)
+
+
+def test_failure_and_timeout_limits():
+    cfg = load_config(MODEL_CONFIGS / "tiny_kv.yaml")
+    assert (cfg.training.max_nonfinite_steps, cfg.parallel.collective_timeout_s) == (10, 600.0)
+    for override, words in [("training.max_nonfinite_steps=0", "must be at least 1"),
+                            ("parallel.collective_timeout_s=0", "must be positive"),
+                            ("parallel.collective_timeout_s=-5", "must be positive")]:
+        with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: {words}"):
+            load_config(MODEL_CONFIGS / "tiny_kv.yaml", overrides=[override])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megaqkv.checkpoint import consolidated, deepspeed_format, paper
-from megaqkv.checkpoint.convert import main as convert_main
+from megaqkv.convert import main as convert_main
 from megaqkv.checkpoint.loading import build_model
 from megaqkv.variants import PRESETS
 
@@ -188,7 +188,7 @@ def test_errors(ds_checkpoints, tmp_path, capsys):
     tag = src / (src / "latest").read_text()
     (tag / "layer_02-model_01-model_states.pt").unlink()
     fails(["--to", "consolidated", "--input", str(src), "--output", str(tmp_path / "x")],
-          "missing shard files ['" + str(tag / "layer_02-model_01-model_states.pt"))
+          f"damaged checkpoint: {tag / 'layer_02-model_01-model_states.pt'}: missing")
     # an incomplete checkpoint (the run died while saving)
     (tag / "megaqkv_complete.json").unlink()
     fails(["--to", "consolidated", "--input", str(src), "--output", str(tmp_path / "x")],

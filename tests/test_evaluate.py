@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megaqkv.checkpoint import consolidated, hf, materialize, paper
+from megaqkv.checkpoint import consolidated, hf, paper
+from megaqkv.training import materialize
 from megaqkv.data.indexed import IndexedDataset, IndexedDatasetWriter
 from megaqkv.evaluation.cli import evaluate_main, generate_main
 from megaqkv.evaluation.perplexity import packed_perplexity, packed_windows, paper_perplexity

@@ -1,9 +1,11 @@
 """The .bin/.idx format: pinned by bytes, round trips, Megatron-LM as an independent reader/writer, errors."""
+import json
 import struct
 
 import numpy as np
 import pytest
 
+from megaqkv.data import indexed
 from megaqkv.data.indexed import DTYPES, DataError, IndexedDataset, IndexedDatasetWriter, merge
 
 
@@ -120,3 +122,21 @@ def test_writer_resumes_from_checkpoint_and_stays_invisible_until_done(tmp_path)
     ds = IndexedDataset(tmp_path / "r")
     assert [list(ds[i]) for i in range(len(ds))] == [[1], [2, 3, 4], [5]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.bin", "r.idx"]
+
+
+def test_max_token_id_is_scanned_in_chunks_cached_and_rescanned_when_the_data_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(indexed, "SCAN_TOKENS", 2)  # several chunks, the largest id in the last, partial one
+    ds = write(tmp_path / "m", [[5, 1], [2, 3, 9]], np.uint16)
+    assert ds.max_token_id() == 9
+    cache = ds.cache_dir / "m-max_token_id.json"
+    entry = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**entry, "max_token_id": 4}))  # a stamped value is trusted, not rescanned
+    assert IndexedDataset(tmp_path / "m").max_token_id() == 4
+    write(tmp_path / "m", [[5, 1], [2, 3, 7]], np.uint16)  # same path and size, new data
+    assert IndexedDataset(tmp_path / "m").max_token_id() == 7
+    assert write(tmp_path / "e", [], np.uint16).max_token_id(cache_dir=tmp_path / "elsewhere") == -1
+    assert (tmp_path / "elsewhere" / "e-max_token_id.json").is_file()
+    with pytest.raises(DataError, match=r"m.bin: token ids go up to 7, but the model has a vocabulary of 7 \(ids 0 "
+                                         r"to 6\); preprocess the data with the model's tokenizer"):
+        IndexedDataset(tmp_path / "m").check_vocab(7, "the model")
+    IndexedDataset(tmp_path / "m").check_vocab(8, "the model")

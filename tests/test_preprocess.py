@@ -32,6 +32,7 @@ def test_slimpajama_fixture_matches_direct_tokenisation(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "documents 126   tokens 382,169" in out and "RedPajamaBook 382,169 (126 docs)" in out
     tok = build_tokenizer("gpt2")
+    summary = json.loads((tmp_path / "slim_summary.json").read_text())
     for split in ("train", "validation", "test"):
         texts = []
         for path in sorted((SLIM / split).rglob("*.jsonl.zst")):
@@ -39,7 +40,9 @@ def test_slimpajama_fixture_matches_direct_tokenisation(tmp_path, capsys):
             texts += [json.loads(line)["text"] for line in raw.splitlines()]
         expected = [ids + [50256] for ids in tok.encoding.encode_ordinary_batch(texts)]
         assert docs_of(tmp_path / f"slim_{split}_text_document") == expected, split
-    assert json.loads((tmp_path / "slim_summary.json").read_text())["tokens"] == 382_169
+        assert summary["outputs"][f"{tmp_path}/slim_{split}_text_document"]["max_token_id"] == \
+            max(max(d) for d in expected)
+    assert summary["tokens"] == 382_169
     # two workers give byte-identical files
     assert run("--input", SLIM, "--output-prefix", tmp_path / "two", "--workers", "2") == 0
     for split in ("train", "validation", "test"):

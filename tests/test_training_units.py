@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from megaqkv.checkpoint import deepspeed_layout as layout
 from megaqkv.config import Config, TrainingConfig, load_model_config
 from megaqkv.model import GPT
 from megaqkv.training import checkpointing
@@ -45,27 +46,28 @@ def test_stopping_by_tokens_or_steps():
     assert total_steps(cfg) == 7
 
 
-def test_resume_tag_prefers_latest_and_skips_incomplete(tmp_path):
+def test_choose_prefers_latest_and_skips_incomplete(tmp_path):
     for step, complete in ((10, True), (20, True), (30, False)):
         (tmp_path / f"global_step{step}").mkdir()
         if complete:
-            (tmp_path / f"global_step{step}" / checkpointing.MARKER).write_text("{}")
-    assert checkpointing.resume_tag(tmp_path) == ("global_step20", f"{tmp_path / 'latest'} is missing; resuming "
-                                                                   "from global_step20")
+            (tmp_path / f"global_step{step}" / layout.MARKER).write_text("{}")
+    said = []
+    assert layout.choose(tmp_path, layout.verify, said.append) == "global_step20"
+    assert said == [f"warning: {tmp_path / 'latest'} is missing; using global_step20, the newest complete checkpoint"]
     (tmp_path / "latest").write_text("global_step10")
-    assert checkpointing.resume_tag(tmp_path) == ("global_step10", None)
+    assert layout.choose(tmp_path, layout.verify, said.append) == "global_step10" and len(said) == 1
     (tmp_path / "latest").write_text("global_step30")
-    tag, warning = checkpointing.resume_tag(tmp_path)
-    assert tag == "global_step20" and "names 'global_step30', which is incomplete" in warning
-    checkpointing.prune(tmp_path, keep_last=1)
+    assert layout.choose(tmp_path, layout.verify, said.append) == "global_step20"
+    assert "names 'global_step30', which is incomplete" in said[-1]
+    layout.prune(tmp_path, keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step20", "latest"]
 
 
 def test_prune_never_removes_the_checkpoint_just_written(tmp_path):
     for step in (1000, 2000, 3000, 100):  # an older run's later steps, then this run's first save
         (tmp_path / f"global_step{step}").mkdir()
-        (tmp_path / f"global_step{step}" / checkpointing.MARKER).write_text("{}")
-    checkpointing.prune(tmp_path, keep_last=3, keep="global_step100")
+        (tmp_path / f"global_step{step}" / layout.MARKER).write_text("{}")
+    layout.prune(tmp_path, keep_last=3, keep="global_step100")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step100", "global_step1000", "global_step2000",
                                                           "global_step3000"]
 
@@ -75,7 +77,7 @@ def test_resume_refuses_a_used_directory_without_resume(tmp_path):
     from megaqkv.training.loop import resume
 
     (tmp_path / "global_step5").mkdir()
-    (tmp_path / "global_step5" / checkpointing.MARKER).write_text("{}")
+    (tmp_path / "global_step5" / layout.MARKER).write_text("{}")
     cfg = Config(model=load_model_config(MODEL_CONFIGS / "tiny_kv.yaml"))
     cfg.checkpoint.resume = False
     with pytest.raises(ConfigError, match="holds checkpoints of an earlier run and checkpoint.resume is false"):

@@ -10,17 +10,18 @@ The directory is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..config import ConfigError, ModelConfig, model_config_from_dict
 from ..parallel.sharding import canonical_shapes
@@ -38,7 +39,11 @@ class LazyTensors(Mapping):
     pipeline stage) reads only that part."""
 
     def __init__(self, path: Path, prefix: str = ""):
-        self._file = safe_open(str(path), framework="pt")
+        try:  # safetensors checks the header and that the data covers the file exactly here, not per tensor
+            self._file = safe_open(str(path), framework="pt")
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc}); copy or convert it "
+                                  "again") from None
         self._prefix = prefix
         self._names = [k[len(prefix):] for k in self._file.keys() if k.startswith(prefix)]
         self._known = set(self._names)
@@ -101,17 +106,37 @@ def is_consolidated(path: Path) -> bool:
     return path.is_dir() and (path / "config.yaml").is_file() and (path / "model.safetensors").is_file()
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A failure to write the output `path` (parent is a file, no permission, disk full) becomes a
+    CheckpointError naming it and the reason: an OSError, or how safetensors (SafetensorError) and torch.save
+    (RuntimeError) report the same I/O errors."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        reason = (f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+                  if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0])
+        raise CheckpointError(f"{path}: cannot write the output ({reason}); check the location and its free "
+                              "space") from None
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def prepare_output(path: Path, force: bool, directory: bool = True) -> Path:
     """A fresh temporary sibling of `path` (a directory, or a file name to write); refuses to replace an
     existing output unless forced."""
     if path.exists() and not force:
         raise CheckpointError(f"{path}: already exists; choose another --output or pass --force to replace it")
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if directory:
-        tmp.mkdir(parents=True)
-    else:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)
+    with _write_errors(path):
+        if directory:
+            tmp.mkdir(parents=True)
+        else:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
     return tmp
 
 
@@ -120,29 +145,44 @@ def commit_output(tmp: Path, path: Path) -> Path:
     writers such as safetensors narrow to the owner)."""
     umask = os.umask(0)
     os.umask(umask)
-    for f in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
-        if f.is_file():
-            os.chmod(f, 0o666 & ~umask)
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    os.replace(tmp, path)
+    with _write_errors(path):
+        for f in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def writing(path: Path, force: bool, directory: bool = True) -> Iterator[Path]:
+    """The temporary output for the body to write: renamed into place when the body completes, removed when
+    it fails, so a failure midway never leaves a complete-looking output."""
+    tmp = prepare_output(path, force, directory)
+    try:
+        with _write_errors(path):
+            yield tmp
+        commit_output(tmp, path)
+    finally:
+        _remove(tmp)
 
 
 def save(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
     path = Path(path)
     ck.check(str(path))
-    tmp = prepare_output(path, force)
-    meta = {"format": FORMAT, "model": asdict(ck.config), "source": ck.source}
-    (tmp / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
-    save_file({k: v.contiguous() for k, v in ck.weights.items()}, str(tmp / "model.safetensors"),
-              metadata={"format": FORMAT})
-    if ck.optimizer:
-        flat = {f"{key}.{name}": t.contiguous() for key, tensors in ck.optimizer.items() for name, t in tensors.items()}
-        save_file(flat, str(tmp / "optimizer.safetensors"), metadata={"format": FORMAT})
-    if ck.trainer is not None:
-        (tmp / "trainer_state.json").write_text(json.dumps(ck.trainer, indent=1))
-    return commit_output(tmp, path)
+    with writing(path, force) as tmp:
+        meta = {"format": FORMAT, "model": asdict(ck.config), "source": ck.source}
+        (tmp / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+        save_file({k: v.contiguous() for k, v in ck.weights.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": FORMAT})
+        if ck.optimizer:
+            flat = {f"{key}.{name}": t.contiguous() for key, tensors in ck.optimizer.items()
+                    for name, t in tensors.items()}
+            save_file(flat, str(tmp / "optimizer.safetensors"), metadata={"format": FORMAT})
+        if ck.trainer is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(ck.trainer, indent=1))
+    return path
 
 
 def load(path: str | Path, with_optimizer: bool = True, lazy: bool = False) -> Consolidated:
@@ -153,17 +193,20 @@ def load(path: str | Path, with_optimizer: bool = True, lazy: bool = False) -> C
     try:
         meta = yaml.safe_load((path / "config.yaml").read_text())
         cfg = model_config_from_dict(meta["model"], source=str(path / "config.yaml"))
-    except (yaml.YAMLError, KeyError, TypeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path / 'config.yaml'}: unreadable ({exc})") from None
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    weights = LazyTensors(path / "model.safetensors") if lazy else load_file(str(path / "model.safetensors"))
-    ck = Consolidated(cfg, weights, source=meta.get("source", ""))
+    weights = LazyTensors(path / "model.safetensors")
+    ck = Consolidated(cfg, weights if lazy else dict(weights), source=meta.get("source", ""))
     if with_optimizer and (path / "optimizer.safetensors").is_file():
         for key in STATE_KEYS:
             state = LazyTensors(path / "optimizer.safetensors", prefix=key + ".")
-            ck.optimizer[key] = state if lazy else {name: state[name] for name in state}
+            ck.optimizer[key] = state if lazy else dict(state)
     if (path / "trainer_state.json").is_file():
-        ck.trainer = json.loads((path / "trainer_state.json").read_text())
+        try:
+            ck.trainer = json.loads((path / "trainer_state.json").read_text())
+        except ValueError as exc:  # not JSON, or not text
+            raise CheckpointError(f"{path / 'trainer_state.json'}: unreadable ({exc})") from None
     ck.check(str(path))
     return ck

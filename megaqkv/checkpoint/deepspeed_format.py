@@ -19,8 +19,8 @@ import torch
 from ..config import ConfigError, model_config_from_dict
 from ..model.pipeline import pipe_name, plain_name
 from ..parallel.sharding import canonical_from_full, canonical_from_shards, param_spec
-from ..training.checkpointing import MARKER, TAG, complete_tags
 from .consolidated import STATE_KEYS, CheckpointError, Consolidated
+from .deepspeed_layout import MARKER, TAG, complete_tags, describe, safe_load, verify
 
 
 def is_deepspeed(path: Path) -> bool:
@@ -30,7 +30,8 @@ def is_deepspeed(path: Path) -> bool:
 
 def locate(path: str | Path, tag: str | None = None) -> Path:
     """The tag directory to read: `path` itself, `path/<tag>`, or what `path/latest` names. Incomplete
-    checkpoints (no completion marker: the run died while saving) are refused with the alternative."""
+    checkpoints (no completion marker: the run died while saving) and damaged ones (a file that differs from its
+    recorded checksum, or a .pt that needs more than plain data unpickled) are refused with the alternative."""
     path = Path(path)
     if any(path.glob("mp_rank_*_model_states.pt")):
         tag_dir = path
@@ -48,6 +49,10 @@ def locate(path: str | Path, tag: str | None = None) -> Path:
         others = [t for t in complete_tags(tag_dir.parent) if t != tag_dir.name]
         raise CheckpointError(f"{tag_dir}: incomplete checkpoint (no {MARKER}: the run stopped while saving it)"
                               + (f"; the newest complete one is {tag_dir.parent / others[-1]}" if others else ""))
+    problems = verify(tag_dir)
+    if problems:
+        raise CheckpointError(f"{tag_dir}: {'unsafe' if any(k == 'unsafe' for k, _ in problems) else 'damaged'} "
+                              f"checkpoint: {describe(problems)}")
     return tag_dir
 
 
@@ -56,7 +61,7 @@ def client_state_of(tag_dir: Path) -> dict:
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = safe_load(path)
     if "config" not in state or "layout" not in state:
         raise CheckpointError(f"{path}: not written by megaqkv's pretrain.py (no config/layout in its client state)")
     return state
@@ -79,7 +84,7 @@ def read(path: str | Path, tag: str | None = None, with_optimizer: bool = True, 
                               f"(TP={tp}); the checkpoint is incomplete or was copied partly")
     weights = {}
     for idx in range(layers):
-        states = [torch.load(files[idx, rank], map_location="cpu", weights_only=True) for rank in range(tp)]
+        states = [safe_load(files[idx, rank]) for rank in range(tp)]
         for key in states[0]:
             plain = plain_name(f"{idx}.{key}", cfg)
             weights.update(canonical_from_shards(plain, [s[key] for s in states], cfg))
@@ -94,7 +99,8 @@ def read(path: str | Path, tag: str | None = None, with_optimizer: bool = True, 
 
 
 def _read_optimizer(tag_dir: Path, client: dict, cfg, tp: int, ck: Consolidated, log) -> None:
-    """fp32 master weights and Adam moments, through DeepSpeed's ds_to_universal."""
+    """fp32 master weights and Adam moments, through DeepSpeed's ds_to_universal (which unpickles with
+    weights_only=False: `locate` has already refused any .pt that needs more than plain data)."""
     with tempfile.TemporaryDirectory(prefix="megaqkv-universal-") as tmp:
         out = Path(tmp) / tag_dir.name
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
@@ -121,12 +127,7 @@ def _read_optimizer(tag_dir: Path, client: dict, cfg, tp: int, ck: Consolidated,
                 states[key].update(canonical_from_full(spec, full, cfg))
             if step is None and (folder / "step.pt").is_file():
                 step = float(torch.load(folder / "step.pt", map_location="cpu", weights_only=True))
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        # DeepSpeed's two plain classes in it are allowed by name; nothing else is unpickled
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
-            common = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=True)
+        common = safe_load(zero / "optimizer_state.pt")
     ck.weights = states.pop("fp32")
     ck.optimizer = states
     ck.trainer["optimizer_step"] = step

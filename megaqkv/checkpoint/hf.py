@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ModelConfig, model_config_from_dict
-from .consolidated import CheckpointError, Consolidated, commit_output, prepare_output
+from .consolidated import CheckpointError, Consolidated, LazyTensors, writing
+from .paper import torch_load
 
 
 def is_hf(path: Path) -> bool:
@@ -43,7 +44,6 @@ def export(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
 
     cfg, w = ck.config, ck.weights
     path = Path(path)
-    tmp = prepare_output(path, force)
     hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
                         n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_hidden_size,
                         activation_function="gelu", resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.embedding_dropout,
@@ -75,22 +75,39 @@ def export(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
     if missing or unexpected:
         raise CheckpointError(f"{path}: export does not match GPT2LMHeadModel (missing {missing}, unexpected "
                               f"{unexpected})")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    return commit_output(tmp, path)
+    with writing(path, force) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    return path
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+        return dict(LazyTensors(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").is_file():
+        sd = torch_load(path / "pytorch_model.bin")
+        if isinstance(sd, dict):
+            return sd
+        raise CheckpointError(f"{path / 'pytorch_model.bin'}: holds a {type(sd).__name__}, not a state dict")
+    raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin (sharded HF checkpoints do not import; "
+                          "re-save the model with save_pretrained(max_shard_size='100GB'))")
 
-        return load_file(str(path / "model.safetensors"))
-    return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+def _hf_config(path: Path) -> dict:
+    try:
+        hc = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a Hugging Face model directory (no config.json)") from None
+    except ValueError as exc:  # not JSON, or not text
+        raise CheckpointError(f"{path}/config.json: not valid JSON ({exc})") from None
+    if not isinstance(hc, dict):
+        raise CheckpointError(f"{path}/config.json: expected a JSON object, got {type(hc).__name__}")
+    return hc
 
 
 def read(path: str | Path, log=print) -> Consolidated:
     """A GPT-2-shaped HF model -> the `qkv` preset (separate Q, K, V)."""
     path = Path(path)
-    hc = json.loads((path / "config.json").read_text())
+    hc = _hf_config(path)
     if hc.get("model_type") != "gpt2":
         raise CheckpointError(f"{path}/config.json: model_type {hc.get('model_type')!r}; only GPT-2 models import")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
@@ -99,9 +116,8 @@ def read(path: str | Path, log=print) -> Consolidated:
     if hc.get("activation_function", "gelu_new") != "gelu":
         log(f"warning: {path} uses activation {hc.get('activation_function', 'gelu_new')!r}; megaqkv uses exact "
             "GELU, so its logits will differ slightly from the original's")
-    sd = {k.removeprefix("transformer."): v for k, v in _load_state(path).items()}
-    h = hc["n_embd"]
     try:
+        h = hc["n_embd"]
         cfg = model_config_from_dict({
             "num_layers": hc["n_layer"], "hidden_size": h, "num_heads": hc["n_head"],
             "ffn_hidden_size": hc.get("n_inner") or 4 * h, "vocab_size": hc["vocab_size"],
@@ -109,8 +125,24 @@ def read(path: str | Path, log=print) -> Consolidated:
             "hidden_dropout": hc.get("resid_pdrop", 0.1), "attention_dropout": hc.get("attn_pdrop", 0.0),
             "embedding_dropout": hc.get("embd_pdrop", 0.0), "layernorm_eps": hc.get("layer_norm_epsilon", 1e-5),
             "tie_embeddings": hc.get("tie_word_embeddings", True)}, source=f"{path}/config.json")
-    except (ConfigError, KeyError) as exc:
-        raise CheckpointError(f"{path}/config.json: {exc}") from None
+    except KeyError as exc:
+        raise CheckpointError(f"{path}/config.json: missing key {exc}") from None
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    sd = {k.removeprefix("transformer."): v for k, v in _load_state(path).items()}
+    try:
+        w = _weights(sd, cfg)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: the weights have no {exc}, which a {cfg.num_layers}-layer GPT-2 "
+                              "needs") from None
+    out = Consolidated(cfg, w, source=f"hf:{path}")
+    out.check(str(path))
+    return out
+
+
+def _weights(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2's tensors (without `transformer.`) -> canonical `qkv` tensors."""
+    h = cfg.hidden_size
     w = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"], "ln_f.weight": sd["ln_f.weight"],
          "ln_f.bias": sd["ln_f.bias"]}
     if not cfg.tie_embeddings:
@@ -124,4 +156,4 @@ def read(path: str | Path, log=print) -> Consolidated:
         for ours, theirs in (("attn.out_proj", "attn.c_proj"), ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj")):
             w.update({p + f"{ours}.weight": sd[t + f"{theirs}.weight"].t().contiguous(),
                       p + f"{ours}.bias": sd[t + f"{theirs}.bias"]})
-    return Consolidated(cfg, w, source=f"hf:{path}")
+    return w

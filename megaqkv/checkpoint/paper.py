@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, ModelConfig, model_config_from_dict
-from .consolidated import CheckpointError, Consolidated, commit_output, prepare_output
+from ..parallel.sharding import canonical_shapes
+from .consolidated import CheckpointError, Consolidated, variant_text, writing
 
 _PER_LAYER = {"ln_1": "ln_1", "ln_2": "ln_2", "mlp.c_fc": "mlp.fc_in", "mlp.c_proj": "mlp.fc_out",
               "attn.c_proj": "attn.out_proj"}
@@ -65,63 +66,94 @@ def _config_value(mc: dict, *names, default=None):
     return default
 
 
-def read(path: str | Path) -> Consolidated:
-    path = Path(path)
+def _layout(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Every reference key of a model (causal masks aside) -> the canonical tensors stacked in it by rows."""
+    layout = {name: [name] for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    if not cfg.tie_embeddings:
+        layout["lm_head.weight"] = ["lm_head.weight"]
+    kinds = ("weight", "bias") if cfg.bias else ("weight",)
+    for i in range(cfg.num_layers):
+        for theirs, ours in _PER_LAYER.items():
+            for kind in ("weight", "bias") if theirs.startswith("ln_") else kinds:
+                layout[f"h.{i}.{theirs}.{kind}"] = [f"layers.{i}.{ours}.{kind}"]
+        for proj, roles in _attention_keys(cfg.sharing, cfg.num_heads, cfg.kv_heads).items():
+            for kind in kinds:
+                layout[f"h.{i}.attn.{proj}.{kind}"] = [f"layers.{i}.attn.{r}.{kind}" for r in roles]
+    return layout
+
+
+def torch_load(path: Path):
+    """`torch.load(weights_only=True)` with its failures as CheckpointErrors: a file that needs classes
+    unpickled is refused rather than executed, and a cut or damaged one says so."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not (refused := re.search(r"Unsupported (global|class).*", str(exc))):
+            raise CheckpointError(f"{path}: truncated or corrupt, not a readable torch file; copy it again") from None
         raise CheckpointError(
-            f"{path}: holds pickled Python objects that a safe load refuses ({str(exc).splitlines()[-1][:200]}). "
+            f"{path}: holds pickled Python objects that a safe load refuses ({refused.group(0)[:200]}). "
             "megaqkv never unpickles checkpoint files. On a machine where you trust the file, re-save it with plain "
             "data, e.g. ck = torch.load(p, weights_only=False); ck['model_config'] = dict(vars(ck['model_config'])); "
             "ck.pop('optimizer_state_dict', None); torch.save(ck, p2)") from None
-    if not isinstance(ck, dict) or "model_state_dict" not in ck:
+    except Exception as exc:  # torch.load names no error set: a cut zip, a bad pickle opcode, an odd index...
+        raise CheckpointError(f"{path}: truncated or corrupt, not a readable torch file ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); copy it again") from None
+
+
+def read(path: str | Path) -> Consolidated:
+    path = Path(path)
+    ck = torch_load(path)
+    if not isinstance(ck, dict) or not isinstance(ck.get("model_state_dict"), dict):
         raise CheckpointError(f"{path}: not a reference checkpoint (no 'model_state_dict')")
     sd = {re.sub(r"^(module\.)?(transformer\.)?", "", k): v for k, v in ck["model_state_dict"].items()}
+    if odd := [k for k, v in sd.items() if not isinstance(v, torch.Tensor)][:4]:
+        raise CheckpointError(f"{path}: model_state_dict entries {odd} are not tensors")
     mc = ck.get("model_config") or {}
     if not isinstance(mc, dict):
         raise CheckpointError(f"{path}: model_config is {type(mc).__name__}, expected a dict")
+    heads = _config_value(mc, "n_head", "num_heads")
+    if not isinstance(heads, int) or heads < 1:
+        raise CheckpointError(f"{path}: model_config has n_head {heads!r}; it needs the positive number of heads, "
+                              "which cannot be read from the weights")
     try:
         vocab, hidden = sd["wte.weight"].shape
-        layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k)))
-        heads = _config_value(mc, "n_head", "num_heads")
-        if heads is None:
-            raise CheckpointError(f"{path}: model_config has no n_head; it cannot be read from the weights")
+        layers = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"h\.(\d+)\.", k))), default=-1)
+        if _config_value(mc, "n_layer", "num_layers", default=layers) != layers:
+            raise CheckpointError(f"{path}: model_config has {_config_value(mc, 'n_layer', 'num_layers')} layers, "
+                                  f"model_state_dict holds {layers} (h.0 to h.{layers - 1})")
         sharing, kv_heads = _recognise(sd, hidden // heads, heads, str(path))
         tied = "lm_head.weight" not in sd or torch.equal(sd["lm_head.weight"], sd["wte.weight"])
         cfg = model_config_from_dict({
             "num_layers": layers, "hidden_size": hidden, "num_heads": heads,
             "ffn_hidden_size": sd["h.0.mlp.c_fc.weight"].shape[0], "vocab_size": vocab,
             "max_position_embeddings": sd["wpe.weight"].shape[0], "sharing": sharing, "num_kv_heads": kv_heads,
-            "bias": "h.0.mlp.c_fc.bias" in sd, "tie_embeddings": tied,
+            "bias": any(re.match(r"h\.\d+\.(attn|mlp)\.c_\w+\.bias$", k) for k in sd), "tie_embeddings": tied,
             "hidden_dropout": float(_config_value(mc, "dropout", "resid_pdrop", default=0.1)),
             "layernorm_eps": float(_config_value(mc, "layer_norm_epsilon", "eps", default=1e-5))},
             source=f"{path} (model_config and weights)")
     except KeyError as exc:
-        raise CheckpointError(f"{path}: missing key {exc} in model_state_dict") from None
-    except ConfigError as exc:
+        raise CheckpointError(f"{path}: model_state_dict has no {exc}") from None
+    except (CheckpointError, ConfigError) as exc:
         raise CheckpointError(str(exc)) from None
-    weights = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"],
-               "ln_f.weight": sd["ln_f.weight"], "ln_f.bias": sd["ln_f.bias"]}
-    if not tied:
-        weights["lm_head.weight"] = sd["lm_head.weight"]
-    d = cfg.head_dim
-    sizes = {"q": heads * d, "qk": heads * d, "qkv": heads * d, "k": kv_heads * d, "v": kv_heads * d,
-             "kv": kv_heads * d}
+    except ValueError as exc:  # wte.weight not 2-D, a model_config value that is no number
+        raise CheckpointError(f"{path}: unreadable model_state_dict or model_config ({exc})") from None
+    layout = _layout(cfg)
+    missing = [k for k in layout if k not in sd]
+    unexpected = [k for k in sd if k not in layout
+                  and not re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias|lm_head\.weight", k)]  # masks, tied head
+    if missing or unexpected:  # a key lost, or layers of different variants (layer 0 decides the variant)
+        listed = lambda keys: f"{keys[:6]}{'...' if len(keys) > 6 else ''}"
+        raise CheckpointError(f"{path}: model_state_dict does not match the model its layer 0 describes "
+                              f"({variant_text(cfg)}): missing {listed(missing)}, unexpected {listed(unexpected)}")
+    shapes = canonical_shapes(cfg)
+    weights = {}
     try:
-        for i in range(layers):
-            for theirs, ours in _PER_LAYER.items():
-                for kind in ("weight", "bias"):
-                    if f"h.{i}.{theirs}.{kind}" in sd:
-                        weights[f"layers.{i}.{ours}.{kind}"] = sd[f"h.{i}.{theirs}.{kind}"]
-            for proj, roles in _attention_keys(sharing, heads, kv_heads).items():
-                for kind in ("weight", "bias") if cfg.bias else ("weight",):
-                    parts = torch.split(sd[f"h.{i}.attn.{proj}.{kind}"], [sizes[r] for r in roles])
-                    weights.update({f"layers.{i}.attn.{r}.{kind}": t.clone() for r, t in zip(roles, parts)})
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: missing key {exc} for a {sharing}/{kv_heads}-KV-head model") from None
+        for key, names in layout.items():
+            parts = torch.split(sd[key], [shapes[n][0] for n in names])
+            weights.update({n: t.clone() if len(names) > 1 else t for n, t in zip(names, parts)})
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: attention shapes disagree with the variant ({exc})") from None
+        raise CheckpointError(f"{path}: {key} has shape {tuple(sd[key].shape)}, which disagrees with the variant "
+                              f"({exc})") from None
     out = Consolidated(cfg, weights, source=f"paper:{path}")
     out.trainer = {"step": int(ck.get("step", 0)), "tokens_seen": int(ck.get("tokens_seen", 0))}
     out.check(str(path))
@@ -131,24 +163,12 @@ def read(path: str | Path) -> Consolidated:
 def write(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
     """Consolidated -> a reference checkpoint the paper's scripts load (causal masks stored as bool)."""
     path = Path(path)
-    tmp = prepare_output(path, force, directory=False)
     cfg: ModelConfig = ck.config
     w = ck.weights
-    sd = {"wte.weight": w["wte.weight"], "wpe.weight": w["wpe.weight"], "ln_f.weight": w["ln_f.weight"],
-          "ln_f.bias": w["ln_f.bias"]}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = w["lm_head.weight"]
+    sd = {key: w[names[0]] if len(names) == 1 else torch.cat([w[n] for n in names])
+          for key, names in _layout(cfg).items()}
     mask = torch.ones(cfg.max_position_embeddings, cfg.max_position_embeddings, dtype=torch.bool).tril()
-    mask = mask.view(1, 1, *mask.shape)
-    for i in range(cfg.num_layers):
-        for theirs, ours in _PER_LAYER.items():
-            for kind in ("weight", "bias"):
-                if f"layers.{i}.{ours}.{kind}" in w:
-                    sd[f"h.{i}.{theirs}.{kind}"] = w[f"layers.{i}.{ours}.{kind}"]
-        for proj, roles in _attention_keys(cfg.sharing, cfg.num_heads, cfg.kv_heads).items():
-            for kind in ("weight", "bias") if cfg.bias else ("weight",):
-                sd[f"h.{i}.attn.{proj}.{kind}"] = torch.cat([w[f"layers.{i}.attn.{r}.{kind}"] for r in roles])
-        sd[f"h.{i}.attn.bias"] = mask
+    sd.update({f"h.{i}.attn.bias": mask.view(1, 1, *mask.shape) for i in range(cfg.num_layers)})
     trainer = ck.trainer or {}
     out = {"model_state_dict": {f"module.{k}": v for k, v in sd.items()},
            "model_config": {"n_layer": cfg.num_layers, "n_head": cfg.num_heads, "n_embd": cfg.hidden_size,
@@ -157,5 +177,6 @@ def write(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
                             "bias": cfg.bias, "dropout": cfg.hidden_dropout},
            "train_config": {}, "step": int(trainer.get("step", 0)),
            "tokens_seen": int(trainer.get("tokens_seen", 0))}
-    torch.save(out, tmp)
-    return commit_output(tmp, path)
+    with writing(path, force, directory=False) as tmp:
+        torch.save(out, tmp)
+    return path

@@ -118,7 +118,7 @@ class GPTDataset:
         description = {"version": INDEX_VERSION, "class": "GPTDataset", **asdict(cfg), "doc_stop": stop,
                        "data": _data_fingerprint(indexed), "sequences": len(indexed)}
         key = hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
-        cache = Path(cache_dir) if cache_dir else indexed.idx_path.parent / (indexed.idx_path.stem + "_cache")
+        cache = Path(cache_dir) if cache_dir else indexed.cache_dir
         self.cache_prefix = cache / f"{key}-{name}-{cfg.mode}"
         self.arrays = self._load_or_build(description)
         if cfg.mode == "packed":
@@ -129,6 +129,11 @@ class GPTDataset:
             self.length = len(self.doc_idx)
         if self.length < cfg.num_samples:
             raise DataError(f"{self.cache_prefix}: index holds {self.length} samples, {cfg.num_samples} requested")
+
+    @property
+    def epochs(self) -> int:
+        """Passes over the split's documents that the samples take (above 1, samples reuse the same tokens)."""
+        return len(self.doc_idx) // (self.doc_range[1] - self.doc_range[0])
 
     # -------------------------------------------------------------- index cache
 

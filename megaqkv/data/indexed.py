@@ -10,6 +10,8 @@ so a damaged file is an error naming the file, not a crash deep inside numpy.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import struct
@@ -23,6 +25,7 @@ VERSION = 1
 _HEADER = len(MAGIC) + 8 + 1 + 8 + 8
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+SCAN_TOKENS = 16 << 20  # tokens per step of the max-token-id scan: bounded memory at any dataset size
 
 
 class DataError(ValueError):
@@ -116,6 +119,43 @@ class IndexedDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         return self.get(i)
 
+    @property
+    def cache_dir(self) -> Path:
+        """Default folder for what is derived from the data (sample indices, the max token id)."""
+        return self.idx_path.parent / (self.idx_path.stem + "_cache")
+
+    def max_token_id(self, cache_dir: str | Path | None = None) -> int:
+        """Largest token id (-1 when empty). Datasets from elsewhere (Megatron) record it nowhere, so it is
+        scanned once and cached, keyed by size, mtime and inode of both files: changed data is rescanned."""
+        key = [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (self.bin_path.stat(), self.idx_path.stat())]
+        cache = Path(cache_dir or self.cache_dir) / f"{self.bin_path.stem}-max_token_id.json"
+        try:
+            cached = json.loads(cache.read_text())
+            if cached["files"] == key:
+                return int(cached["max_token_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing or unreadable: scan
+        top = max((int(self._bin[i:i + SCAN_TOKENS].max()) for i in range(0, len(self._bin), SCAN_TOKENS)),
+                  default=-1)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"files": key, "max_token_id": top}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a folder we cannot write only costs a scan next time
+        return top
+
+    def check_vocab(self, vocab_size: int, what: str, cache_dir: str | Path | None = None) -> None:
+        """DataError unless every token id is below `vocab_size`: a larger id crashes the embedding lookup on
+        one shard and, with tensor parallelism, silently reads another shard's rows."""
+        top = self.max_token_id(cache_dir)
+        if top >= vocab_size:
+            raise DataError(f"{self.bin_path}: token ids go up to {top:,}, but {what} has a vocabulary of "
+                            f"{vocab_size:,} (ids 0 to {vocab_size - 1:,}); preprocess the data with the model's "
+                            f"tokenizer, or raise model.vocab_size to at least {top + 1:,} if this tokenizer is the "
+                            "intended one")
+
     def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         """Tokens [offset, offset + length) of sequence i."""
         start = int(self.pointers[i]) // self.dtype.itemsize + offset
@@ -140,6 +180,7 @@ class IndexedDatasetWriter:
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp_bin = self.bin_path.with_name(self.bin_path.name + ".tmp")
         self._tmp_sizes = self.bin_path.with_name(self.bin_path.stem + ".sizes.tmp")
+        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
         self.tokens, self.documents = resume or (0, 0)
         if resume:
             for path, length in ((self._tmp_bin, self.tokens * self.dtype.itemsize), (self._tmp_sizes, 4 * self.documents)):
@@ -149,6 +190,7 @@ class IndexedDatasetWriter:
                 os.truncate(path, length)
         mode = "ab" if resume else "wb"
         self._bin, self._sizes = open(self._tmp_bin, mode), open(self._tmp_sizes, mode)
+        self._prepared = False
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Documents concatenated in `tokens`, with their lengths."""
@@ -168,21 +210,29 @@ class IndexedDatasetWriter:
             os.fsync(f.fileno())
         return self.tokens, self.documents
 
-    def finalize(self) -> tuple[Path, Path]:
+    def prepare(self) -> None:
+        """Write the index under a temporary name: all the disk space `finalize()` needs, so that several
+        writers can all be prepared (and a full disk found) before any final name appears."""
         self._bin.close()
         self._sizes.close()
         sizes = np.fromfile(self._tmp_sizes, dtype=np.int32)
-        tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
-        write_index(tmp_idx, self.dtype, sizes, np.arange(len(sizes) + 1, dtype=np.int64))
+        write_index(self._tmp_idx, self.dtype, sizes, np.arange(len(sizes) + 1, dtype=np.int64))
+        self._prepared = True
+
+    def finalize(self) -> tuple[Path, Path]:
+        if not self._prepared:
+            self.prepare()
         os.replace(self._tmp_bin, self.bin_path)
-        os.replace(tmp_idx, self.idx_path)
+        os.replace(self._tmp_idx, self.idx_path)
         self._tmp_sizes.unlink()
         return self.bin_path, self.idx_path
 
     def close(self) -> None:
-        """Stop writing but keep the temporary files for a resumed run."""
-        self._bin.close()
-        self._sizes.close()
+        """Stop writing but keep the temporary files for a resumed run, which cuts them back to its checkpoint:
+        so a buffer that cannot be flushed now (disk full) does not matter."""
+        for f in (self._bin, self._sizes):
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 def merge(prefixes: Iterable[str | Path], output: str | Path) -> IndexedDataset:

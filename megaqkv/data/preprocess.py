@@ -4,12 +4,16 @@ The main process streams the inputs in ~1 MB chunks of raw lines, worker process
 tokenise them, and results come back in input order, so the output does not depend on the
 number of workers. Progress is checkpointed (flushed partial files + a small JSON state) every
 `checkpoint_seconds` and at each file end; re-running the same command continues from the last
-checkpoint. Final `.bin`/`.idx` names appear only when everything is done.
+checkpoint. Final `.bin`/`.idx` names appear only when everything is done. A compressed input
+that is cut short or corrupt keeps what was read before the damage and is reported (exit status
+3); a failed write (disk full, read-only folder) stops with one line saying what was kept.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
+import errno
 import itertools
 import json
 import os
@@ -23,10 +27,12 @@ from typing import Iterator
 import numpy as np
 
 from .indexed import IndexedDatasetWriter, dtype_for_vocab, paths
-from .sources import InputFile, discover, read_records
+from .sources import Damage, InputFile, discover, read_records
 from .tokenizers import Tokenizer, build_tokenizer
 
 STATE_VERSION = 1
+EXIT_DAMAGED_INPUT = 3
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class PreprocessError(RuntimeError):
@@ -76,6 +82,10 @@ def parse_record(payload, keys: list[str]) -> tuple[list[str] | None, str, str |
             return None, "", f"'{key}' is {type(text).__name__}, not a string"
         if not text.strip():
             return None, "", f"empty '{key}'"
+        bad = _SURROGATE.search(text)  # a lone \ud800-style escape is valid JSON but not encodable text
+        if bad:
+            return None, "", (f"'{key}' is not valid Unicode (lone surrogate U+{ord(bad.group()):04X} at character "
+                              f"{bad.start()})")
         texts.append(text)
     return texts, set_name(record.get("meta")), None
 
@@ -100,6 +110,7 @@ class ChunkResult:
     text_sizes: list[int]  # UTF-8 bytes of each document's text
     last_line: int
     position: int  # input bytes consumed after this chunk
+    damage: tuple[int, str] | None  # (line, reason): the input cannot be read from this line on
 
 
 _WORKER: dict = {}
@@ -114,8 +125,11 @@ def _init_worker(tokenizer: str | Tokenizer, keys: list[str], append_eod: bool, 
 def _process_chunk(chunk: list[tuple[int, object]], position: int) -> ChunkResult:
     tok: Tokenizer = _WORKER["tokenizer"]
     keys = _WORKER["keys"]
-    texts, docs, errors, text_sizes = [], [], [], []
+    texts, docs, errors, text_sizes, damage = [], [], [], [], None
     for number, payload in chunk:
+        if isinstance(payload, Damage):
+            damage = number, payload.reason
+            continue
         if isinstance(payload, bytes) and not payload.strip():
             continue  # blank line between records
         parsed, name, error = parse_record(payload, keys)
@@ -131,7 +145,7 @@ def _process_chunk(chunk: list[tuple[int, object]], position: int) -> ChunkResul
         ids = [seq + [tok.eod] for seq in ids]
     lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_WORKER["dtype"], count=int(lengths.sum()))
-    return ChunkResult(flat, lengths, docs, errors, text_sizes, chunk[-1][0] if chunk else 0, position)
+    return ChunkResult(flat, lengths, docs, errors, text_sizes, chunk[-1][0] if chunk else 0, position, damage)
 
 
 # --------------------------------------------------------------------------- main process
@@ -141,8 +155,10 @@ def _chunks(records: Iterator[tuple[int, object, int]], chunk_bytes: int):
     chunk, size, position = [], 0, 0
     for number, payload, position in records:
         chunk.append((number, payload))
-        size += len(payload) if isinstance(payload, bytes) else sum(len(v) for v in payload.values()
-                                                                    if isinstance(v, str))
+        if isinstance(payload, bytes):
+            size += len(payload)
+        elif isinstance(payload, dict):
+            size += sum(len(v) for v in payload.values() if isinstance(v, str))
         if size >= chunk_bytes:
             yield chunk, position
             chunk, size = [], 0
@@ -193,9 +209,10 @@ class Run:
         self.warnings: list[str] = []
         self.writers: dict[str, IndexedDatasetWriter] = {}
         self.stats = {"documents": 0, "tokens": 0, "text_bytes": 0, "per_set": {}, "skipped": {}, "outputs": {},
-                      "runs": 0}
+                      "damaged_inputs": [], "runs": 0}
         self.file_index, self.line, self.report_bytes = 0, 0, 0
         self.resumed = self._load_state()
+        self.kept_documents = self.stats["documents"] if self.resumed else None  # at the last checkpoint
         self.report = open(self.report_path, "r+b" if self.resumed else "wb")
         self.report.truncate(self.report_bytes)
         self.report.seek(self.report_bytes)
@@ -233,6 +250,13 @@ class Run:
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)
+        self.kept_documents = self.stats["documents"]
+
+    def kept(self) -> str:
+        """What a failure now leaves for the re-run, for the error message."""
+        if self.kept_documents is None:
+            return "nothing is kept yet (re-running starts over)"
+        return f"the {self.kept_documents:,} documents up to the last checkpoint are kept"
 
     def _flush_report(self) -> int:
         self.report.flush()
@@ -261,9 +285,10 @@ class Run:
             tokens = (r.tokens[offsets[idx[0]]:offsets[idx[-1] + 1]] if contiguous
                       else np.concatenate([r.tokens[offsets[i]:offsets[i + 1]] for i in idx]))
             self.writers[prefix].add_documents(tokens, r.lengths[idx])
-            out = self.stats["outputs"].setdefault(prefix, {"documents": 0, "tokens": 0})
+            out = self.stats["outputs"].setdefault(prefix, {"documents": 0, "tokens": 0, "max_token_id": -1})
             out["documents"] += len(idx)
             out["tokens"] += int(r.lengths[idx].sum())
+            out["max_token_id"] = max(out["max_token_id"], int(tokens.max()) if len(tokens) else -1)
         self.stats["documents"] += keep
         self.stats["tokens"] += int(offsets[keep])
         self.stats["text_bytes"] += sum(r.text_sizes[:keep])
@@ -271,35 +296,65 @@ class Run:
             if until_line is not None and line >= until_line:
                 break
             self.skip(f, line, reason)
+        if r.damage and until_line is None:
+            line, reason = r.damage
+            self.stats["damaged_inputs"].append({"file": f.name, "line": line, "reason": reason})
+            self._report(f, line, reason)
 
     def skip(self, f: InputFile, line: int, reason: str) -> None:
         kind = reason.split(" (")[0]
         self.stats["skipped"][kind] = self.stats["skipped"].get(kind, 0) + 1
+        self._report(f, line, reason)
+
+    def _report(self, f: InputFile, line: int, reason: str) -> None:
         self.report.write(f"{f.name}\t{line}\t{reason}\n".encode())
 
     def finalize(self, seconds: float, before: dict) -> dict:
         self.stats["this_run"] = {"seconds": seconds, **{k: self.stats[k] - before[k]
                                                           for k in ("documents", "tokens", "text_bytes")}}
+        for w in self.writers.values():  # everything that needs disk space before any final name appears,
+            w.prepare()                    # so that a failure here (disk full) leaves the run resumable
+        self.summary_path.write_text(json.dumps(self.stats, indent=1))
+        self.report.close()
         for w in self.writers.values():
             w.finalize()
-        self.report.close()
-        if not self.stats["skipped"]:
+        if not self.stats["skipped"] and not self.stats["damaged_inputs"]:
             self.report_path.unlink()
-        self.summary_path.write_text(json.dumps(self.stats, indent=1))
         self.state_path.unlink(missing_ok=True)
         return self.stats
 
     def close(self) -> None:
+        """Release the files after a failure; data that cannot be flushed now lies past the last checkpoint."""
         for w in self.writers.values():
             w.close()
-        self.report.close()
+        with contextlib.suppress(OSError):
+            self.report.close()
+
+
+def _os_problem(exc: OSError, prefix: str, kept: str | None) -> str:
+    """One line for a failed read or write: the path, the cause, and what to do; `kept` says what a re-run
+    continues from (None: the run failed while setting up, before anything was written)."""
+    path = exc.filename or Path(prefix).resolve().parent  # a failed write() names no file
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return (f"{path}: not a directory, but --output-prefix {prefix} needs it to be one; remove the file in the "
+                "way or choose another --output-prefix")
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    cause = f"the disk is full ({exc.strerror}) while writing the outputs of {prefix}" if full else exc.strerror
+    if kept is None:
+        return f"{path}: {cause}; " + ("free some space and re-run" if full else
+                                       f"--output-prefix {prefix} must be in a folder you can write to")
+    return (f"{path}: {cause}; {kept}. " + ("Free some space" if full else "Fix that")
+            + " and re-run the same command: it continues from the last checkpoint")
 
 
 def preprocess(opts: Options, log=print) -> dict:
     """Run (or resume) preprocessing; returns the summary counters."""
     tok = build_tokenizer(opts.tokenizer)
     files = discover(opts.inputs)
-    run = Run(opts, tok, files)
+    try:
+        run = Run(opts, tok, files)
+    except OSError as exc:
+        raise PreprocessError(_os_problem(exc, opts.output_prefix, None)) from None
     run.stats["runs"] += 1
     if run.resumed:
         log(f"resuming from {run.state_path}: {run.stats['documents']:,} documents done, "
@@ -324,13 +379,14 @@ def preprocess(opts: Options, log=print) -> dict:
             first = run.line if fi == run.file_index else 0
             chunks = _chunks(read_records(f, opts.keys, start=first), opts.chunk_bytes)
             for r in _results(chunks, executor, window=2 * opts.workers):
-                if opts.strict and r.errors:
-                    line, reason = r.errors[0]
+                if opts.strict and (r.errors or r.damage):
+                    line, reason = r.errors[0] if r.errors else r.damage
                     run.write(f, r, until_line=line)
                     run.checkpoint(fi, line - 1)
+                    fix = ("Fix or remove the line, or run without --strict to skip bad lines," if r.errors else
+                           "Replace the file with an intact copy, or run without --strict to keep what can be read,")
                     raise PreprocessError(f"{f.name}:{line}: {reason}. Stopped (--strict); everything before this "
-                                          "line is kept. Fix or remove the line, or run without --strict to skip "
-                                          "bad lines, and re-run the same command to continue")
+                                          f"line is kept. {fix} and re-run the same command to continue")
                 run.write(f, r)
                 progress.update(fi, r.position, run.stats, before, started)
                 if time.perf_counter() - last_checkpoint >= opts.checkpoint_seconds:
@@ -339,9 +395,11 @@ def preprocess(opts: Options, log=print) -> dict:
             run.checkpoint(fi + 1, 0)
         progress.close()
         return run.finalize(time.perf_counter() - started, before)
-    except BaseException:
+    except BaseException as exc:
         progress.close()
         run.close()
+        if isinstance(exc, OSError):
+            raise PreprocessError(_os_problem(exc, opts.output_prefix, run.kept())) from None
         raise
     finally:
         if executor is not None:
@@ -384,6 +442,10 @@ def format_summary(stats: dict, report_path: Path | None = None) -> str:
     skipped = sum(stats["skipped"].values())
     lines.append(f"skipped {skipped:,} lines" + (": " + ", ".join(f"{k} {v:,}" for k, v in stats["skipped"].items())
                                                  + f" (file:line list in {report_path})" if skipped else ""))
+    for d in stats["damaged_inputs"]:
+        lines.append(f"damaged input: {d['file']}: {d['reason']}; its lines before line {d['line']:,} are kept, the "
+                     "rest of it is missing from the outputs (replace it with an intact copy and re-run with "
+                     "--overwrite to include it)")
     return "\n".join(lines)
 
 
@@ -396,7 +458,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="preprocess_data.py",
         description="Tokenise SlimPajama-style corpora into Megatron-compatible .bin/.idx datasets (one per split, "
-                    "optionally per set name). Re-running the same command after an interruption continues it.")
+                    "optionally per set name). Re-running the same command after an interruption continues it. "
+                    "Exit status: 0 done; 1 stopped by an error (the message says what to do); "
+                    f"{EXIT_DAMAGED_INPUT} finished, but some compressed inputs were cut short or corrupt: the outputs "
+                    "hold everything that could be read (see 'damaged input' in the summary and the skipped list).")
     parser.add_argument("--input", nargs="+", required=True,
                         help="folders (searched recursively for *.jsonl, *.jsonl.zst, *.jsonl.gz, *.parquet), files, "
                              "or saved Hugging Face datasets directories")
@@ -421,7 +486,7 @@ def main(argv=None) -> int:
                    progress=not args.no_progress)
     try:
         stats = preprocess(opts)
-    except (PreprocessError, InputError, DataError, ValueError) as exc:
+    except (PreprocessError, InputError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -429,4 +494,4 @@ def main(argv=None) -> int:
         return 130
     base = Path(opts.output_prefix)
     print(format_summary(stats, base.with_name(base.name + "_skipped.tsv")))
-    return 0
+    return EXIT_DAMAGED_INPUT if stats["damaged_inputs"] else 0

@@ -1,13 +1,15 @@
 """Streaming readers for preprocessing inputs: jsonl (plain, .zst, .gz), parquet, local HF datasets.
 
 Each input yields (line or row number, payload) without loading the file: jsonl payloads are the
-raw line bytes (parsed in the worker processes), parquet and datasets rows arrive as dicts.
+raw line bytes (parsed in the worker processes), parquet and datasets rows arrive as dicts. A
+compressed input that is cut short or corrupt ends with a `Damage` payload rather than an
+exception, so that everything read before the damage is kept.
 """
 from __future__ import annotations
 
-import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -84,26 +86,75 @@ def discover(inputs: list[str]) -> list[InputFile]:
     return found
 
 
-def _open_text_lines(path: Path) -> tuple[io.BufferedReader, object]:
+@dataclass(frozen=True)
+class Damage:
+    """Ends the records of a compressed input that cannot be decoded to its end (cut short or corrupt); the
+    line it names is the first one not read. The records before it decoded without error, but a checksum is
+    checked only at a frame's end, so a frame that fails it may have yielded garbage (mostly bad JSON) first."""
+
+    reason: str
+
+
+class _Frames(io.RawIOBase):
+    """A compressed file decoded frame by frame (zstd frames, gzip members), raising EOFError when it ends
+    inside one: zstandard's stream_reader returns a plain EOF there (a cut-off file would read as a shorter
+    complete one), and GzipFile drops what it decoded in the read that fails."""
+
+    def __init__(self, raw, new_frame):
+        self._raw, self._new_frame, self._frame, self._out = raw, new_frame, None, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._out:
+            if self._frame is not None and self._frame.eof:  # the rest of the input starts the next frame
+                data, self._frame = self._frame.unused_data, None
+            else:
+                data = self._raw.read(1 << 16)
+                if not data and self._frame is not None:
+                    raise EOFError("the file ends inside a compressed frame")
+                if not data:
+                    return 0
+            if data:
+                self._frame = self._frame or self._new_frame()
+                self._out = memoryview(self._frame.decompress(data))
+        n = min(len(buffer), len(self._out))
+        buffer[:n], self._out = self._out[:n], self._out[n:]
+        return n
+
+
+def _open_text_lines(path: Path) -> tuple[io.BufferedReader, io.BufferedReader, tuple[type[Exception], ...]]:
+    """(line reader, the file underneath, the exceptions that mean the compressed stream is damaged)."""
     raw = open(path, "rb")
     if path.name.endswith(".zst"):
         import zstandard
 
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20)
-        return io.BufferedReader(stream, buffer_size=1 << 20), raw
+        frames = _Frames(raw, zstandard.ZstdDecompressor().decompressobj)
+        return io.BufferedReader(frames, buffer_size=1 << 20), raw, (EOFError, zstandard.ZstdError)
     if path.name.endswith(".gz"):
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw), buffer_size=1 << 20), raw
-    return io.BufferedReader(raw, buffer_size=1 << 20), raw
+        frames = _Frames(raw, lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))  # 16: gzip header and CRC
+        return io.BufferedReader(frames, buffer_size=1 << 20), raw, (EOFError, zlib.error)
+    return io.BufferedReader(raw, buffer_size=1 << 20), raw, ()
 
 
 def read_records(f: InputFile, keys: list[str], start: int = 0) -> Iterator[tuple[int, object, int]]:
-    """(1-based line/row number, payload, bytes of the input consumed so far), from record `start + 1` on."""
+    """(1-based line/row number, payload, bytes of the input consumed so far), from record `start + 1` on.
+
+    A damaged compressed input ends with a `Damage` payload at the first line it could not read; the
+    partial line before the damage is not yielded (it would look like malformed JSON)."""
     if f.kind == "jsonl":
-        reader, raw = _open_text_lines(f.path)
+        reader, raw, damaged = _open_text_lines(f.path)
+        number = 0
         with reader, raw:
-            for number, line in enumerate(reader, start=1):
-                if number > start:
-                    yield number, line, raw.tell()
+            try:
+                for number, line in enumerate(reader, start=1):
+                    if number > start:
+                        yield number, line, raw.tell()
+            except damaged as exc:
+                codec = "zstd" if f.path.name.endswith(".zst") else "gzip"
+                yield number + 1, Damage(f"truncated or corrupt {codec} stream after {raw.tell():,} compressed "
+                                         f"bytes ({exc})"), raw.tell()
         return
     if f.kind == "parquet":
         import pyarrow.parquet as pq

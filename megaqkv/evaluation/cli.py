@@ -24,6 +24,7 @@ import torch
 
 from ..checkpoint.consolidated import CheckpointError, variant_text
 from ..config import ConfigError
+from ..arguments import POSITIVE, checked
 from ..data.indexed import DataError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,9 +56,9 @@ def evaluate_main(argv=None) -> int:
     p.add_argument("--split", choices=["all", "train", "valid", "test"], default="all",
                    help="which share of each prefix's documents (by --split-ratios); default: all of it")
     p.add_argument("--split-ratios", type=float, nargs=3, default=[969.0, 30.0, 1.0])
-    p.add_argument("--tokens", type=int, help="evaluate this many predicted tokens per prefix (default: all)")
-    p.add_argument("--seq-length", type=int, help="default: the model's positions")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tokens", type=POSITIVE, help="evaluate this many predicted tokens per prefix (default: all)")
+    p.add_argument("--seq-length", type=POSITIVE, help="default: the model's positions")
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--paper-compatible", action="store_true",
                    help="one document per sample, padded; report the loss with and without the padding scored")
     p.add_argument("--pad-id", type=int, help="padding token for --paper-compatible (default: the tokenizer's EOD)")
@@ -111,6 +112,11 @@ def _perplexity(model, args, eod: int, say) -> list[dict]:
             r = packed_perplexity(model, ds, docs, seq, args.batch_size, args.tokens)
             row = {"data": prefix, "documents": docs[1] - docs[0], "tokens": r.tokens, "loss": r.loss,
                    "perplexity": r.perplexity}
+        if row["tokens"] == 0:
+            raise DataError(f"{prefix}: no tokens to predict in --split {args.split} (documents {docs[0]}:{docs[1]} "
+                            f"of {len(ds)} hold no token that follows another"
+                            + (" in its document" if args.paper_compatible else "")
+                            + "); choose another --split or --split-ratios")
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
     say(f"{'data':<50} {'tokens':>10} {'loss':>8} {'ppl':>10}"
@@ -139,19 +145,20 @@ def _tasks(model, args, say) -> dict:
 
 
 def generate_main(argv=None) -> int:
-    from ..model.generation import Sampling, generate
+    from ..model.generation import LIMITS, Sampling, generate
 
     p = argparse.ArgumentParser(prog="generate.py", description="KV-cached text generation.")
     _checkpoint_arguments(p)
     p.add_argument("--prompt", action="append", default=[], help="repeatable: several prompts form one batch")
     p.add_argument("--prompt-file", help="one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    limited = lambda kind, name: checked(kind, *LIMITS[name])
+    p.add_argument("--max-new-tokens", type=limited(int, "max_new_tokens"), default=64)
+    p.add_argument("--temperature", type=limited(float, "temperature"), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=limited(int, "top_k"), default=0, help="0: no top-k filter")
+    p.add_argument("--top-p", type=limited(float, "top_p"), default=1.0, help="1: no nucleus filter")
     p.add_argument("--stop", nargs="*", default=[], help="stop strings (the end-of-document token always stops)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch that many processes)")
+    p.add_argument("--tp", type=POSITIVE, default=1, help="tensor-parallel size (launch that many processes)")
     args = p.parse_args(argv)
     prompts = args.prompt + (Path(args.prompt_file).read_text().splitlines() if args.prompt_file else [])
     if not prompts:

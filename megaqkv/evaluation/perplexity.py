@@ -84,6 +84,7 @@ def _shard(items: list) -> list:
 
 def packed_perplexity(model: GPT, ds: IndexedDataset, docs: tuple[int, int], seq_length: int, batch_size: int,
                       max_tokens: int | None = None) -> Result:
+    ds.check_vocab(model.cfg.vocab_size, "the model")
     device = model.wte.weight.device
     windows = _shard(list(packed_windows(ds, docs, seq_length, max_tokens)))
     total = count = 0.0
@@ -100,6 +101,7 @@ def packed_perplexity(model: GPT, ds: IndexedDataset, docs: tuple[int, int], seq
 def paper_perplexity(model: GPT, ds: IndexedDataset, docs: tuple[int, int], seq_length: int, batch_size: int,
                      pad_id: int, max_documents: int | None = None) -> tuple[Result, Result, float]:
     """(loss over real tokens, loss with padding scored, fraction of scored positions that are padding)."""
+    ds.check_vocab(model.cfg.vocab_size, "the model")
     device = model.wte.weight.device
     ids = list(range(*docs))[:max_documents] if max_documents else list(range(*docs))
     real_sum = real_n = all_sum = all_n = 0.0

@@ -1,6 +1,7 @@
 """KV-cached generation: one prefill of the (left-padded) prompts, then one token per step per sequence."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -11,14 +12,31 @@ from .gpt import GPT
 from .kv_cache import KVCache
 
 
+# Sampling field -> (valid, what it must be); checked by Sampling and by generate.py's flags.
+LIMITS = {
+    "max_new_tokens": (lambda v: v >= 0, "a non-negative integer"),
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
+    "top_k": (lambda v: v >= 0, "a non-negative integer (0: no top-k filter)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: no nucleus filter)"),
+}
+
+
 @dataclass
 class Sampling:
+    """Decoding controls; out-of-range values are refused here, since sampling would otherwise quietly treat
+    them as greedy or as no filter."""
+
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: no top-k filter
     top_p: float = 1.0  # 1: no nucleus filter
     stop_tokens: tuple[int, ...] = ()
     seed: int = 0
+
+    def __post_init__(self):
+        for name, (ok, what) in LIMITS.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(f"Sampling.{name} must be {what}, got {getattr(self, name)!r}")
 
 
 @dataclass

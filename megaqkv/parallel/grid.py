@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,13 @@ class TPGroup:
 SINGLE = TPGroup()  # no tensor parallelism: layers behave as plain modules
 
 
-def init_distributed(timeout_s: float = 1800.0) -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
     """Join the process group of whichever launcher started us (deepspeed, torchrun, or plain python).
 
     On CPU the backend is gloo and DeepSpeed's shared-memory inference op, which it would otherwise
@@ -39,7 +46,9 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # a launcher sets it; a single plain-python process takes a free port, not a fixed one another job holds
+        os.environ["MASTER_PORT"] = str(free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     import deepspeed
 
     cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"

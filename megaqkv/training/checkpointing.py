@@ -1,52 +1,46 @@
-"""Training checkpoints in DeepSpeed's layout, made crash-safe.
+"""Saving and resuming training checkpoints with a live engine (the layout itself: checkpoint/deepspeed_layout.py).
 
-DeepSpeed writes `<dir>/global_stepN/` from every rank. Only after all ranks have finished
-(a barrier) does rank 0 write a completion marker into it and then point `latest` at it
-(atomically), so `latest` never names a half-written checkpoint, and a directory without the
-marker is never resumed from. Older complete checkpoints beyond `keep_last` are pruned.
+A save is DeepSpeed's, from every rank; after a barrier the ranks hash a share of the files each, and
+rank 0 writes the completion marker with every checksum and only then points `latest` at it, so
+`latest` never names a half-written or unverifiable checkpoint. Resuming verifies the candidate the
+same way (every rank a share) and falls back to the newest checkpoint that verifies. The engine's
+checkpoint loader is replaced by one that unpickles nothing but plain data and DeepSpeed's own classes.
 """
 from __future__ import annotations
 
 import json
+import sys
 import os
-import re
-import shutil
+import socket
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-MARKER = "megaqkv_complete.json"
-TAG = re.compile(r"^global_step(\d+)$")
+from ..checkpoint import deepspeed_layout as layout
+from ..checkpoint.consolidated import CheckpointError
+
+LOCK = "megaqkv_run.lock"
 
 
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
+def _gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
-def complete_tags(directory: str | Path) -> list[str]:
-    """Tags with a completion marker, oldest first."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    tags = [p.name for p in d.iterdir() if TAG.match(p.name) and (p / MARKER).is_file()]
-    return sorted(tags, key=lambda t: int(TAG.match(t).group(1)))
+def problems_collectively(tag_dir: Path) -> list[tuple[str, str]]:
+    """layout.verify with the files shared out over every rank of the job; every rank gets every problem."""
+    if not dist.is_initialized():
+        return layout.verify(tag_dir)
+    return [p for share in _gather(layout.verify(tag_dir, (dist.get_rank(), dist.get_world_size()))) for p in share]
 
 
-def resume_tag(directory: str | Path) -> tuple[str | None, str | None]:
-    """(tag to resume from, a warning if `latest` could not be used)."""
-    d = Path(directory)
-    latest = d / "latest"
-    named = latest.read_text().strip() if latest.is_file() else None
-    if named and (d / named / MARKER).is_file():
-        return named, None
-    tags = complete_tags(d)
-    if not tags:
-        return None, (f"{latest} names '{named}', which is incomplete, and no complete checkpoint exists"
-                      if named else None)
-    return tags[-1], (f"{latest} names '{named}', which is incomplete; resuming from {tags[-1]}, the newest "
-                      "complete checkpoint" if named else f"{latest} is missing; resuming from {tags[-1]}")
+def use_safe_loader(engine) -> None:
+    """Every file DeepSpeed's engine loads goes through layout.safe_load (weights_only=True, DeepSpeed's own
+    classes allowed), so resuming never executes code from a checkpoint."""
+    engine.checkpoint_engine.load = lambda path, map_location=None: layout.safe_load(path, map_location)
 
 
 def rng_state(tp_rng) -> dict:
@@ -63,33 +57,80 @@ def set_rng_state(state: dict, tp_rng) -> None:
     tp_rng.set_state(state["tp"])
 
 
-def save(engine, directory: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
+def save(engine, directory: str | Path, step: int, client_state: dict, keep_last: int,
+         loss: float | None = None) -> Path:
     directory = Path(directory)
-    tag = tag_for(step)
+    tag = layout.tag_for(step)
     engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
-    if dist.get_rank() == 0:
-        marker = directory / tag / MARKER
-        marker.write_text(json.dumps({"step": step, "time": time.time(),
-                                      "consumed_samples": client_state["consumed_samples"]}))
-        tmp = directory / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, directory / "latest")
-        prune(directory, keep_last, keep=tag)
+    tag_dir = directory / tag
+    names = [layout.checkpoint_files(tag_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    files = {}
+    for share in _gather({n: layout.digest(tag_dir / n) for n in names[0][rank::world]}):
+        files.update(share)
+    if rank == 0:
+        layout.write_marker(tag_dir, step, files, loss, consumed_samples=client_state["consumed_samples"])
+        layout.point_latest(directory, tag)
+        layout.prune(directory, keep_last, keep=tag)
     dist.barrier()
-    return directory / tag
+    return tag_dir
 
 
-def prune(directory: Path, keep_last: int, keep: str | None = None) -> None:
-    """Keep the newest `keep_last` complete checkpoints (and `keep`, the one just written); drop older ones and
-    any incomplete leftovers (called right after a checkpoint is complete, when no other one can be in the
-    middle of being written)."""
-    tags = complete_tags(directory)
-    doomed = tags[:-keep_last] if keep_last else []
-    doomed += [p.name for p in directory.iterdir() if TAG.match(p.name) and not (p / MARKER).is_file()]
-    doomed = [t for t in doomed if t != keep]
-    for tag in doomed:
-        shutil.rmtree(directory / tag, ignore_errors=True)
+class RunLock:
+    """One run per checkpoint directory: rank 0 creates `megaqkv_run.lock` (host, PID, start time, command)
+    exclusively and removes it on exit. A lock left by a process of this host that no longer exists is stale
+    and taken over with a warning; any other holder stops the second run with a message naming it."""
+
+    def __init__(self, directory: Path, say=print):
+        self.path = directory / LOCK
+        self.held = False
+        directory.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join(sys.argv)}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if not self._stale(holder):
+                    raise CheckpointError(
+                        f"{directory}: another run is using this checkpoint directory (pid {holder.get('pid')} on "
+                        f"{holder.get('host')}, started {holder.get('started')}: {holder.get('command', '?')}); "
+                        f"wait for it, or use another --save directory. If that run is gone (it ran on another "
+                        f"host), delete {self.path}")
+                say(f"warning: {self.path} was left by pid {holder.get('pid')} on {holder.get('host')}, which is no "
+                    "longer running; taking it over")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def layout_of(grid) -> dict:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ import torch
 from ..config import Config, ConfigError, weighted_prefixes
 from ..data.gpt_dataset import BlendedDataset, GPTDataset, SampleConfig, blend_sample_counts, \
     micro_batch_indices, split_ranges
-from ..data.indexed import IndexedDataset, paths
+from ..data.indexed import DataError, IndexedDataset, paths
 
 
 def missing_data_hint(prefix: str, source: str | None) -> str:
@@ -27,16 +27,19 @@ def missing_data_hint(prefix: str, source: str | None) -> str:
 
 
 def check_data(cfg: Config) -> None:
-    """Fail before any process group is started if a dataset file is missing."""
+    """Fail before any process group is started if a dataset file is missing, damaged, or holds token ids
+    the model's vocabulary does not have."""
     if not cfg.data.path:
         raise ConfigError("data.path: no training data given; pass --data-path PREFIX (a .bin/.idx pair made by "
                           "tools/preprocess_data.py) or set data.path in the training config")
     for _, prefix in weighted_prefixes(cfg.data.path) + weighted_prefixes(cfg.data.valid_path, "data.valid_path"):
         if not all(p.is_file() for p in paths(prefix)):
             raise ConfigError(missing_data_hint(prefix, cfg.data.source))
+        IndexedDataset(prefix).check_vocab(cfg.model.vocab_size, "the model (model.vocab_size)", cfg.data.cache_dir)
 
 
-def _datasets(prefixes: list[tuple[float, str]], cfg: Config, samples: int, split: int | None, name: str):
+def _datasets(prefixes: list[tuple[float, str]], cfg: Config, samples: int, split: int | None, name: str,
+              say: Callable[[str], None]):
     """One GPTDataset per prefix (the `split` share of its documents, or all), blended by weight."""
     seq = cfg.training.seq_length
     counts = blend_sample_counts([w for w, _ in prefixes], samples) if len(prefixes) > 1 else [samples]
@@ -44,19 +47,33 @@ def _datasets(prefixes: list[tuple[float, str]], cfg: Config, samples: int, spli
     for i, ((_, prefix), count) in enumerate(zip(prefixes, counts)):
         indexed = IndexedDataset(prefix)
         start, stop = (0, len(indexed)) if split is None else split_ranges(len(indexed), cfg.data.split)[split]
-        parts.append(GPTDataset(indexed, SampleConfig(seq, max(count, 1), cfg.training.seed + i, cfg.data.mode,
-                                                      start, stop), cfg.data.cache_dir, name=name))
+        tokens = int(indexed.sizes[start:stop].sum(dtype=np.int64))
+        held = f"{tokens:,} tokens in {stop - start:,} documents" + ("" if split is None else " (after the split)")
+        if name == "train" and cfg.data.mode == "packed" and tokens < seq + 1:
+            raise DataError(f"{prefix}: the training data has {held}, fewer than one sample of training.seq_length "
+                            f"+ 1 = {seq + 1:,} tokens, so packing cannot make even one sample; give it more data"
+                            + ("" if split is None else " (or a larger train share in data.split)")
+                            + " or lower training.seq_length")
+        ds = GPTDataset(indexed, SampleConfig(seq, max(count, 1), cfg.training.seed + i, cfg.data.mode, start, stop),
+                        cfg.data.cache_dir, name=name)
+        if name == "valid" and ds.epochs > 1:
+            say(f"warning: validation data {prefix} has {held}, less than the {count:,} samples of {seq + 1:,} "
+                f"tokens that eval.tokens={cfg.eval.tokens:,} takes from it: the validation samples pass over its "
+                f"tokens {ds.epochs:,} times, so the same text is scored repeatedly; give more validation data or "
+                "lower eval.tokens")
+        parts.append(ds)
     return parts[0] if len(parts) == 1 else BlendedDataset(parts, [w for w, _ in prefixes], samples)
 
 
-def build_datasets(cfg: Config, train_samples: int, valid_samples: int):
+def build_datasets(cfg: Config, train_samples: int, valid_samples: int, say: Callable[[str], None]):
+    """(train, valid) datasets; warnings about too little validation data go to `say`."""
     train_prefixes = weighted_prefixes(cfg.data.path)
     separate_valid = bool(cfg.data.valid_path)
-    train = _datasets(train_prefixes, cfg, train_samples, None if separate_valid else 0, "train")
+    train = _datasets(train_prefixes, cfg, train_samples, None if separate_valid else 0, "train", say)
     if separate_valid:
-        valid = _datasets(weighted_prefixes(cfg.data.valid_path), cfg, valid_samples, None, "valid")
+        valid = _datasets(weighted_prefixes(cfg.data.valid_path), cfg, valid_samples, None, "valid", say)
     else:
-        valid = _datasets(train_prefixes, cfg, valid_samples, 1, "valid")
+        valid = _datasets(train_prefixes, cfg, valid_samples, 1, "valid", say)
     return train, valid
 
 

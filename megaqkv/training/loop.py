@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -10,6 +11,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import consolidated
+from ..checkpoint import deepspeed_layout as layout
+from ..checkpoint.consolidated import CheckpointError
+from ..checkpoint.deepspeed_format import client_state_of
+from ..checkpoint.engine_state import load_into_engine
 from ..config import Config, ConfigError
 from ..model.pipeline import PipelineLoss
 from ..parallel.grid import ProcessGrid, comm_device
@@ -18,9 +24,14 @@ from .data import build_datasets, eval_batches, step_batches
 from .engine import build_engine
 from .monitor import Monitor
 from .schedule import align_schedule
-from ..checkpoint import consolidated
-from ..checkpoint.deepspeed_format import client_state_of
-from ..checkpoint.engine_state import load_into_engine
+
+# What a resumed run must share with the run that wrote the checkpoint: these decide which samples come
+# next (sample index, shuffle, packing) and what a step is, so changing them would repeat or skip data.
+RESUME_MUST_MATCH = ("training.seed", "training.seq_length", "training.global_batch_size")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (divergence); the message says what happened and what is left on disk."""
 
 
 def total_steps(cfg: Config) -> int:
@@ -74,10 +85,39 @@ def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[flo
     return (totals[0] / totals[1]).item(), int(round(totals[1].item()))
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resumable(client: dict, cfg: Config, where: str) -> None:
+    """A checkpoint continues only the run that wrote it: the same model and the same data order. One written
+    by tools/convert_ckpt.py carries no training settings of its own, so only its model is compared."""
+    ours, theirs = _flat(cfg.to_dict()), _flat(client["config"])
+    model = [k for k in ours if k.startswith("model.") and k != "model.attention_backend"
+             and theirs.get(k) != ours[k]]
+    if model:
+        raise ConfigError(f"{where} holds a different model: " + ", ".join(
+            f"{k} is {theirs.get(k)!r} there, {ours[k]!r} here" for k in model)
+            + "; resume with the checkpoint's model config, or use another --save directory")
+    data = [k for k in RESUME_MUST_MATCH if theirs.get(k) != ours[k] and not client.get("converted_from")]
+    if data:
+        raise ConfigError(f"{where} was trained with " + ", ".join(f"{k}={theirs.get(k)!r}" for k in data)
+                          + "; this run has " + ", ".join(f"{k}={ours[k]!r}" for k in data)
+                          + ". Changing them on resume would repeat or skip training data and make the token count "
+                          "jump; resume with the checkpoint's values (--set " + " --set ".join(
+                              f"{k}={theirs.get(k)}" for k in data) + "), or start a new run in another --save "
+                          "directory")
+
+
 def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -> int:
-    """Continue from the newest complete checkpoint in `checkpoint.dir`; else start from `checkpoint.load` (a
-    DeepSpeed checkpoint of this layout, or a consolidated one at any layout). Returns samples consumed."""
-    if ckpt_dir and checkpointing.complete_tags(ckpt_dir):
+    """Continue from the newest complete checkpoint in `checkpoint.dir` that verifies; else start from
+    `checkpoint.load` (a DeepSpeed checkpoint of this layout, or a consolidated one at any layout). Returns
+    samples consumed."""
+    own = bool(ckpt_dir and layout.complete_tags(ckpt_dir))
+    if own:
         if not cfg.checkpoint.resume:
             raise ConfigError(f"checkpoint.dir: {ckpt_dir} holds checkpoints of an earlier run and checkpoint.resume "
                               "is false; use an empty directory (its checkpoints would be pruned by step number)")
@@ -91,26 +131,63 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
         say(f"loaded consolidated checkpoint {source} at {checkpointing.layout_of(grid)}: step {engine.global_steps}, "
             f"{consumed:,} samples consumed")
         return consumed
-    tag, warning = checkpointing.resume_tag(source)
-    if warning:
-        say(f"warning: {warning}")
+    # only this run's own directory is tidied: a damaged checkpoint there is moved aside once
+    tag = layout.choose(source, checkpointing.problems_collectively, say, move_aside=own and grid.rank == 0)
     if tag is None:
-        raise ConfigError(f"{source}: no complete checkpoint to start from")
-    written_at = client_state_of(source / tag)["layout"]  # before DeepSpeed, whose own failure is obscure
-    if written_at != checkpointing.layout_of(grid):
-        raise ConfigError(f"{source}/{tag} was written at {written_at}, this run is {checkpointing.layout_of(grid)}; "
-                          "convert it (tools/convert_ckpt.py --to consolidated, then checkpoint.load=<that directory>, "
-                          "or --to deepspeed at this layout) or run at the checkpoint's layout")
+        raise ConfigError(f"{source}: no complete checkpoint that verifies to start from")
+    client = client_state_of(source / tag)  # checked before DeepSpeed, whose own failures are obscure
+    if client["layout"] != checkpointing.layout_of(grid):
+        raise ConfigError(f"{source}/{tag} was written at {client['layout']}, this run is "
+                          f"{checkpointing.layout_of(grid)}; convert it (tools/convert_ckpt.py --to consolidated, "
+                          "then checkpoint.load=<that directory>, or --to deepspeed at this layout) or run at the "
+                          "checkpoint's layout")
+    check_resumable(client, cfg, f"{source}/{tag}")
     _, client = engine.load_checkpoint(str(source), tag=tag)
     checkpointing.set_rng_state(client["rng"], grid.tp.rng)
     say(f"resumed from {source}/{tag}: step {engine.global_steps}, {client['consumed_samples']:,} samples consumed")
     return client["consumed_samples"]
 
 
+def cut_metrics(path: Path, step: int) -> None:
+    """Drop the rows a killed run logged after the step it is resumed from, so every step appears once."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short when the run was killed
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(rows))
+    os.replace(tmp, path)
+
+
 def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
     grid = ProcessGrid(cfg.parallel.tp, cfg.parallel.pp)
     is_writer = dist.get_rank() == 0
     say = log if is_writer else (lambda *a, **k: None)
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    lock = None
+    if ckpt_dir:
+        failure = [None]
+        if is_writer:
+            try:
+                lock = checkpointing.RunLock(ckpt_dir, say)
+            except CheckpointError as exc:
+                failure = [str(exc)]
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0]:
+            raise ConfigError(failure[0])
+    try:
+        return _train(cfg, grid, ds_config, ckpt_dir, is_writer, say, log)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_writer: bool, say, log) -> dict:
     steps = total_steps(cfg)
     t = cfg.training
     say(f"parallel layout: {grid.describe()}\nbatch: global {t.global_batch_size} = micro {t.micro_batch_size} × "
@@ -118,11 +195,11 @@ def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
         f"tokens per step, {steps:,} steps")
 
     valid_samples = math.ceil(cfg.eval.tokens / t.seq_length)
-    train_ds, valid_ds = build_datasets(cfg, steps * t.global_batch_size, valid_samples)
+    train_ds, valid_ds = build_datasets(cfg, steps * t.global_batch_size, valid_samples, say=say)
     valid = eval_batches(valid_ds, valid_samples, t.micro_batch_size, grid.dp_size, grid.dp_rank, t.seq_length)
     engine = build_engine(cfg, grid, ds_config, total_steps=steps)
+    checkpointing.use_safe_loader(engine)
 
-    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
     consumed = resume(engine, cfg, grid, ckpt_dir, say)
     if engine.global_steps:
         align_schedule(engine.lr_scheduler, t, steps, engine.global_steps)
@@ -130,11 +207,14 @@ def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
     if engine.global_steps >= steps:
         say(f"nothing to do: the checkpoint is at step {engine.global_steps} of {steps}")
         return {"step": engine.global_steps, "reason": "already finished", "train": [], "valid": []}
-    universal_info = checkpointing.universal_checkpoint_info(cfg, grid.tp_size)
-    monitor = Monitor(cfg, dist.get_world_size(), is_writer, steps, log)
     metrics_file = Path(cfg.logging.tensorboard_dir) / "metrics.jsonl" if cfg.logging.tensorboard_dir else None
+    if is_writer and metrics_file:
+        cut_metrics(metrics_file, engine.global_steps)
+    universal_info = checkpointing.universal_checkpoint_info(cfg, grid.tp_size)
+    monitor = Monitor(cfg, dist.get_world_size(), is_writer, steps, log, first_step=engine.global_steps + 1)
     stop = StopRequest()
     history = {"train": [], "valid": []}
+    last_loss = None
 
     def record(kind: str, row: dict) -> None:
         history[kind].append(row)
@@ -152,13 +232,13 @@ def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
         if ckpt_dir is None:
             return
         client = checkpointing.client_state(cfg, grid, step, consumed, universal_info)
-        path = checkpointing.save(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last)
+        path = checkpointing.save(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last, last_loss)
         say(f"saved checkpoint {path}")
 
     step = engine.global_steps
     if cfg.eval.at_start and step == 0:
         validate(0)
-    this_run = 0
+    this_run = nonfinite = 0
     reason = "finished"
     try:
         while step < steps:
@@ -168,11 +248,21 @@ def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
                                                    grid.dp_rank, t.gradient_accumulation_steps)).item()
             seconds = time.perf_counter() - started
             consumed += t.global_batch_size
-            step, this_run = engine.global_steps, this_run + 1
+            step, this_run, last_loss = engine.global_steps, this_run + 1, loss
             norm = engine.get_global_grad_norm()
             row = monitor.step(step, consumed * t.seq_length, loss, lr, float(norm) if norm is not None else math.nan,
                                engine.skipped_steps, seconds)
             record("train", {"step": step, **row})
+            nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
+            if nonfinite >= t.max_nonfinite_steps:
+                good = [tag for tag in layout.complete_tags(ckpt_dir) if layout.read_marker(ckpt_dir / tag).get(
+                    "loss_finite", True)] if ckpt_dir else []
+                raise TrainingError(
+                    f"the training loss was not finite for {nonfinite} consecutive steps (steps "
+                    f"{step - nonfinite + 1}-{step}, training.max_nonfinite_steps={t.max_nonfinite_steps}); "
+                    "stopped without saving. "
+                    + (f"The newest checkpoint with a finite loss is {ckpt_dir / good[-1]}. " if good else "")
+                    + "Lower training.lr or warm up longer, and check the data")
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step < steps:
                 validate(step)
             stopping = stop.agreed()

@@ -60,7 +60,8 @@ def memory_gib() -> float:
 class Monitor:
     """Prints and records on global rank 0; every rank keeps the timing it needs for ETA."""
 
-    def __init__(self, cfg: Config, world_size: int, is_writer: bool, total_steps: int, log=print):
+    def __init__(self, cfg: Config, world_size: int, is_writer: bool, total_steps: int, log=print,
+                 first_step: int = 1):
         self.cfg, self.world, self.is_writer, self.total_steps, self.log = cfg, world_size, is_writer, total_steps, log
         self.tokens_per_step = cfg.training.global_batch_size * cfg.training.seq_length
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.training.seq_length, "exact")
@@ -71,7 +72,9 @@ class Monitor:
         if is_writer and cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir)
+            # a resumed run first drops what a killed run logged after its checkpoint, as metrics.jsonl does
+            self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir,
+                                        purge_step=first_step if first_step > 1 else None)
         if is_writer:
             log(f"MFU convention: {self.flops_per_token / 1e6:.1f} MFLOP per trained token (6 × exact forward "
                 f"MACs/token: real projection rows, causal attention); peak {self.peak:.2f} TFLOP/s per device "

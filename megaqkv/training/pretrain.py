@@ -104,13 +104,17 @@ def main(argv=None) -> int:
         return 2
     if rank0:
         print("resolved configuration:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
+    from ..checkpoint.consolidated import CheckpointError
     from ..parallel import init_distributed
-    from .loop import run
+    from .loop import TrainingError, run
 
-    init_distributed()
+    init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
     try:
         run(cfg, args.ds_config, log=lambda *a: print(*a, flush=True))
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

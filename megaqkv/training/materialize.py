@@ -7,18 +7,12 @@ engine at that layout, load the consolidated weights and optimizer state into it
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 
-from .consolidated import commit_output, prepare_output
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..checkpoint.consolidated import writing
+from ..parallel.grid import free_port
 
 
 def _worker(rank: int, world: int, port: int, source: str, out: str, tp: int, pp: int, precision: str) -> None:
@@ -28,10 +22,10 @@ def _worker(rank: int, world: int, port: int, source: str, out: str, tp: int, pp
     torch.set_num_threads(1)
     from ..config import Config, ParallelConfig, TrainingConfig
     from ..parallel import ProcessGrid, init_distributed
-    from ..training import checkpointing
-    from ..training.engine import build_engine
-    from . import consolidated
-    from .engine_state import load_into_engine
+    from ..checkpoint import consolidated
+    from ..checkpoint.engine_state import load_into_engine
+    from . import checkpointing
+    from .engine import build_engine
 
     init_distributed(timeout_s=600)
     ck = consolidated.load(source, lazy=True)
@@ -49,8 +43,9 @@ def _worker(rank: int, world: int, port: int, source: str, out: str, tp: int, pp
     engine = build_engine(cfg, grid, total_steps=max(1, int(trainer.get("step", 0))))
     consumed = load_into_engine(engine, grid, cfg, ck, source)
     step = engine.global_steps
-    client = checkpointing.client_state(cfg, grid, step, consumed,
-                                        checkpointing.universal_checkpoint_info(cfg, grid.tp_size))
+    client = {**checkpointing.client_state(cfg, grid, step, consumed,
+                                           checkpointing.universal_checkpoint_info(cfg, grid.tp_size)),
+              "converted_from": ck.source or source}
     checkpointing.save(engine, out, step, client, keep_last=0)
 
 
@@ -58,8 +53,8 @@ def write(source: str | Path, output: str | Path, tp: int, pp: int, dp: int, pre
           force: bool = False) -> Path:
     """`source` is a consolidated directory on disk (each process reads it)."""
     output = Path(output)
-    tmp = prepare_output(output, force)
     world = tp * pp * dp
-    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), str(source), str(tmp), tp, pp, precision),
-                                nprocs=world, join=True)
-    return commit_output(tmp, output)
+    with writing(output, force) as tmp:
+        torch.multiprocessing.spawn(_worker, args=(world, free_port(), str(source), str(tmp), tp, pp, precision),
+                                    nprocs=world, join=True)
+    return output

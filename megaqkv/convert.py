@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from . import consolidated, hf, paper
-from .consolidated import CheckpointError
-from .loading import FORMATS, build_model, detect, read
+from .arguments import POSITIVE
+from .checkpoint import consolidated, hf, paper
+from .checkpoint.consolidated import CheckpointError
+from .checkpoint.loading import FORMATS, build_model, detect, read
 
 def logits_of(path: Path, fmt: str, tokens: torch.Tensor, tag: str | None = None) -> torch.Tensor:
     with torch.no_grad():
@@ -44,8 +45,8 @@ def convert(args, log=print) -> Path:
     elif args.to == "hf":
         hf.export(ck, out, args.force)
     else:
-        from . import materialize
-        from ..config import check_parallel_fits_model, FieldError
+        from .training import materialize
+        from .config import FieldError, check_parallel_fits_model
 
         try:
             check_parallel_fits_model(ck.config, args.tp, args.pp, "--")
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         p = argparse.ArgumentParser(prog="convert_ckpt.py verify", description="Compare two checkpoints' logits.")
         p.add_argument("a")
         p.add_argument("b")
-        p.add_argument("--tokens", type=int, default=128)
+        p.add_argument("--tokens", type=POSITIVE, default=128)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--atol", type=float, default=1e-4)
         args = p.parse_args(argv[1:])
@@ -100,9 +101,9 @@ def main(argv=None) -> int:
         p.add_argument("--input", required=True)
         p.add_argument("--output", required=True)
         p.add_argument("--tag", help="DeepSpeed input: the global_stepN to read (default: latest)")
-        p.add_argument("--tp", type=int, default=1, help="--to deepspeed: tensor-parallel size")
-        p.add_argument("--pp", type=int, default=1, help="--to deepspeed: pipeline size")
-        p.add_argument("--dp", type=int, default=1, help="--to deepspeed: data-parallel size (ZeRO-1 partitions)")
+        p.add_argument("--tp", type=POSITIVE, default=1, help="--to deepspeed: tensor-parallel size")
+        p.add_argument("--pp", type=POSITIVE, default=1, help="--to deepspeed: pipeline size")
+        p.add_argument("--dp", type=POSITIVE, default=1, help="--to deepspeed: data-parallel size (ZeRO-1 partitions)")
         p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                        help="--to deepspeed: the precision training will resume in (default: the source's, or bf16)")
         p.add_argument("--weights-only", action="store_true", help="leave the optimizer state behind")
