@@ -118,9 +118,11 @@ def main() -> None:
                                         "--set", "model.ffn_hidden_size=256")
 
     # A second run into a directory a live run holds; then the holder dies (its lock is stale).
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    (run / "megaqkv_run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                                       "started": "earlier", "command": "pretrain.py (first run)"}))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from megaqkv.training.checkpointing import RunLock; lock = RunLock(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(120)", str(run), "pretrain.py (first run)"],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert holder.stdout.readline().strip() == "held"
     results["locked"] = pretrain(data, run, "--set", "training.train_steps=10")
     holder.send_signal(signal.SIGKILL)
     holder.wait()

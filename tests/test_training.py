@@ -79,10 +79,18 @@ def test_sigterm_saves_and_a_half_written_checkpoint_is_skipped(tmp_path, slim_d
     shutil.copytree(ckpt / tag, partial)
     (partial / "megaqkv_complete.json").unlink()
     (ckpt / "latest").unlink()
+    # and a newer complete one whose weights took a bit flip: the two ranks verify it together, find it damaged
+    flipped = ckpt / f"global_step{step + 5}"
+    shutil.copytree(ckpt / tag, flipped)
+    weights = flipped / "layer_03-model_00-model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
     resumed = train(["--pp=2", "--save", str(ckpt), *slim_data, "--set", f"training.train_steps={step + 2}",
                      "--set", "eval.interval=0", "--set", "eval.at_start=false"])
-    assert f"latest is missing; using {tag}, the newest complete checkpoint" in resumed
-    assert f"resumed from {ckpt}/{tag}: step {step}" in resumed
+    assert "latest is missing; trying the newest complete checkpoint" in resumed
+    assert f"checkpoint {flipped} is damaged: {weights}: checksum differs" in resumed
+    assert f"resumed from {ckpt}/{tag}: step {step}" in resumed and (ckpt / f"{flipped.name}.damaged").is_dir()
     assert f"finished at step {step + 2}/{step + 2}" in resumed
     assert not partial.exists()  # pruned once a newer complete checkpoint exists
     # the same directory at another layout: a clear message before DeepSpeed tries to load it

@@ -53,7 +53,7 @@ def test_choose_prefers_latest_and_skips_incomplete(tmp_path):
             (tmp_path / f"global_step{step}" / layout.MARKER).write_text("{}")
     said = []
     assert layout.choose(tmp_path, layout.verify, said.append) == "global_step20"
-    assert said == [f"warning: {tmp_path / 'latest'} is missing; using global_step20, the newest complete checkpoint"]
+    assert said == [f"warning: {tmp_path / 'latest'} is missing; trying the newest complete checkpoint"]
     (tmp_path / "latest").write_text("global_step10")
     assert layout.choose(tmp_path, layout.verify, said.append) == "global_step10" and len(said) == 1
     (tmp_path / "latest").write_text("global_step30")

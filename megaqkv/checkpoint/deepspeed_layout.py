@@ -123,14 +123,16 @@ def safe_load(path: str | Path, map_location="cpu", mmap: bool = False):
 
 
 def verify(tag_dir: Path, share: tuple[int, int] = (0, 1)) -> list[tuple[str, str]]:
-    """Problems of one checkpoint as (kind, message), kind 'unsafe' or 'damaged' (empty: usable). `share` =
-    (rank, world) checks every world-th file, so that the ranks of a job verify a large checkpoint together."""
+    """Problems of one checkpoint as (kind, message), kind 'unsafe' or 'damaged' (empty: usable). Every file on
+    disk is checked, not only the recorded ones: DeepSpeed's tools find files by name pattern, so a file added
+    later would be read too. `share` = (rank, world) checks every world-th file, so that the ranks of a job
+    verify a large checkpoint together."""
     try:
         marker = read_marker(tag_dir)
     except CheckpointError as exc:
         return [("damaged", str(exc))]
-    recorded = marker.get("files")
-    names = sorted(recorded) if isinstance(recorded, dict) else checkpoint_files(tag_dir)
+    recorded = marker.get("files") if isinstance(marker.get("files"), dict) else None
+    names = sorted(set(recorded or {}) | set(checkpoint_files(tag_dir)))
     problems = []
     rank, world = share
     for name in names[rank::world]:
@@ -147,14 +149,17 @@ def verify(tag_dir: Path, share: tuple[int, int] = (0, 1)) -> list[tuple[str, st
             except CheckpointError as exc:
                 problems.append(("damaged", str(exc)))
                 continue
-        if isinstance(recorded, dict):
-            want, size = recorded[name], path.stat().st_size
-            if size != want.get("bytes"):
-                problems.append(("damaged", f"{path}: {size:,} bytes, {want.get('bytes'):,} when it was saved "
-                                            "(truncated?)"))
-            elif digest(path)["sha256"] != want.get("sha256"):
-                problems.append(("damaged", f"{path}: checksum differs from the one recorded when it was saved "
-                                            "(corrupted)"))
+        if recorded is None:
+            continue  # a marker from before checksums were recorded: the safe load is all we can check
+        want = recorded.get(name)
+        if want is None:
+            problems.append(("damaged", f"{path}: not part of the checkpoint when it was saved"))
+        elif path.stat().st_size != want.get("bytes"):
+            problems.append(("damaged", f"{path}: {path.stat().st_size:,} bytes, {want.get('bytes'):,} when it was "
+                                        "saved (truncated?)"))
+        elif digest(path)["sha256"] != want.get("sha256"):
+            problems.append(("damaged", f"{path}: checksum differs from the one recorded when it was saved "
+                                        "(corrupted)"))
     return problems
 
 
@@ -190,12 +195,14 @@ def choose(directory: Path, problems_of: Callable[[Path], list[tuple[str, str]]]
     tags = candidates(directory)
     if named and named not in tags:
         say(f"warning: {latest} names '{named}', which is incomplete (the run stopped while saving it)"
-            + (f"; using {tags[0]}" if tags else ""))
+            + ("; trying the newest complete checkpoint" if tags else ""))
     elif tags and named is None:
-        say(f"warning: {latest} is missing; using {tags[0]}, the newest complete checkpoint")
+        say(f"warning: {latest} is missing; trying the newest complete checkpoint")
     for tag in tags:
         problems = problems_of(directory / tag)
         if not problems:
+            if move_aside and tag != named:
+                point_latest(directory, tag)  # `latest` must not keep naming a checkpoint that was moved aside
             return tag
         unsafe = [p for p in problems if p[0] == "unsafe"]
         if unsafe:
@@ -206,12 +213,32 @@ def choose(directory: Path, problems_of: Callable[[Path], list[tuple[str, str]]]
     return None
 
 
+def _finite(tag_dir: Path) -> bool:
+    """Whether the step's loss was finite (markers from before losses were recorded count as finite; an
+    unreadable marker does not)."""
+    try:
+        return bool(read_marker(tag_dir).get("loss_finite", True))
+    except CheckpointError:
+        return False
+
+
+def finite_tags(directory: Path) -> list[str]:
+    return [t for t in complete_tags(directory) if _finite(directory / t)]
+
+
+def leftovers(directory: Path) -> list[str]:
+    """What shows that checkpoints were written here before, when none is complete any more."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if p.name == "latest" or DAMAGED in p.name)
+
+
 def prune(directory: Path, keep_last: int, keep: str | None = None) -> None:
     """Keep the newest `keep_last` complete checkpoints, `keep` (the one just written) and the newest one whose
     loss was finite; drop older ones and incomplete leftovers (called right after a checkpoint is complete,
     when no other one can be in the middle of being written)."""
     tags = complete_tags(directory)
-    finite = [t for t in tags if read_marker(directory / t).get("loss_finite", True)]
+    finite = finite_tags(directory)
     protected = {keep, *(finite[-1:]), *(tags[-keep_last:] if keep_last else tags)}
     doomed = [t for t in tags if t not in protected]
     doomed += [p.name for p in directory.iterdir() if TAG.match(p.name) and not (p / MARKER).is_file()

@@ -124,11 +124,15 @@ class IndexedDataset:
         """Default folder for what is derived from the data (sample indices, the max token id)."""
         return self.idx_path.parent / (self.idx_path.stem + "_cache")
 
-    def max_token_id(self, cache_dir: str | Path | None = None) -> int:
-        """Largest token id (-1 when empty). Datasets from elsewhere (Megatron) record it nowhere, so it is
-        scanned once and cached, keyed by size, mtime and inode of both files: changed data is rescanned."""
+    def _max_id_cache(self, cache_dir: str | Path | None) -> tuple[Path, list]:
         key = [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (self.bin_path.stat(), self.idx_path.stat())]
-        cache = Path(cache_dir or self.cache_dir) / f"{self.bin_path.stem}-max_token_id.json"
+        return Path(cache_dir or self.cache_dir) / f"{self.bin_path.stem}-max_token_id.json", key
+
+    def max_token_id(self, cache_dir: str | Path | None = None) -> int:
+        """Largest token id (-1 when empty). Preprocessing records it (`remember_max_token_id`); datasets from
+        elsewhere (Megatron) are scanned once and cached, keyed by size, mtime and inode of both files: changed
+        data is rescanned."""
+        cache, key = self._max_id_cache(cache_dir)
         try:
             cached = json.loads(cache.read_text())
             if cached["files"] == key:
@@ -137,6 +141,11 @@ class IndexedDataset:
             pass  # missing or unreadable: scan
         top = max((int(self._bin[i:i + SCAN_TOKENS].max()) for i in range(0, len(self._bin), SCAN_TOKENS)),
                   default=-1)
+        self.remember_max_token_id(top, cache_dir)
+        return top
+
+    def remember_max_token_id(self, top: int, cache_dir: str | Path | None = None) -> None:
+        cache, key = self._max_id_cache(cache_dir)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +153,6 @@ class IndexedDataset:
             os.replace(tmp, cache)
         except OSError:
             pass  # a folder we cannot write only costs a scan next time
-        return top
 
     def check_vocab(self, vocab_size: int, what: str, cache_dir: str | Path | None = None) -> None:
         """DataError unless every token id is below `vocab_size`: a larger id crashes the embedding lookup on

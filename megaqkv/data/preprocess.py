@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .indexed import IndexedDatasetWriter, dtype_for_vocab, paths
+from .indexed import IndexedDataset, IndexedDatasetWriter, dtype_for_vocab, paths
 from .sources import Damage, InputFile, discover, read_records
 from .tokenizers import Tokenizer, build_tokenizer
 
@@ -316,8 +316,9 @@ class Run:
             w.prepare()                    # so that a failure here (disk full) leaves the run resumable
         self.summary_path.write_text(json.dumps(self.stats, indent=1))
         self.report.close()
-        for w in self.writers.values():
-            w.finalize()
+        for prefix, w in self.writers.items():
+            w.finalize()  # then record the largest id where training's vocabulary check looks, sparing it a scan
+            IndexedDataset(prefix).remember_max_token_id(self.stats["outputs"][prefix]["max_token_id"])
         if not self.stats["skipped"] and not self.stats["damaged_inputs"]:
             self.report_path.unlink()
         self.state_path.unlink(missing_ok=True)

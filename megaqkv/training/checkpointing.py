@@ -8,10 +8,11 @@ checkpoint loader is replaced by one that unpickles nothing but plain data and D
 """
 from __future__ import annotations
 
+import fcntl
 import json
-import sys
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def problems_collectively(tag_dir: Path) -> list[tuple[str, str]]:
     """layout.verify with the files shared out over every rank of the job; every rank gets every problem."""
     if not dist.is_initialized():
         return layout.verify(tag_dir)
-    return [p for share in _gather(layout.verify(tag_dir, (dist.get_rank(), dist.get_world_size()))) for p in share]
+    shares = _gather(layout.verify(tag_dir, (dist.get_rank(), dist.get_world_size())))
+    return list(dict.fromkeys(p for share in shares for p in share))  # an unreadable marker: once, not per rank
 
 
 def use_safe_loader(engine) -> None:
@@ -70,55 +72,83 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
     files = {}
     for share in _gather({n: layout.digest(tag_dir / n) for n in names[0][rank::world]}):
         files.update(share)
+    failure = [None]
     if rank == 0:
-        layout.write_marker(tag_dir, step, files, loss, consumed_samples=client_state["consumed_samples"])
-        layout.point_latest(directory, tag)
-        layout.prune(directory, keep_last, keep=tag)
-    dist.barrier()
+        try:
+            layout.write_marker(tag_dir, step, files, loss, consumed_samples=client_state["consumed_samples"])
+            layout.point_latest(directory, tag)
+            layout.prune(directory, keep_last, keep=tag)
+        except Exception as exc:  # noqa: BLE001 - every rank stops with it instead of waiting for rank 0
+            failure = [f"{tag_dir}: saving failed after DeepSpeed wrote it: {exc!r}"]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0]:
+        raise CheckpointError(failure[0])
     return tag_dir
 
 
 class RunLock:
-    """One run per checkpoint directory: rank 0 creates `megaqkv_run.lock` (host, PID, start time, command)
-    exclusively and removes it on exit. A lock left by a process of this host that no longer exists is stale
-    and taken over with a warning; any other holder stops the second run with a message naming it."""
+    """One run per checkpoint directory: rank 0 holds an exclusive `flock` on `megaqkv_run.lock`, which records
+    who holds it (host, PID, start time, command). The kernel drops the lock when the holder dies however it
+    dies, so a lock file left by a killed run is recognised as stale (and taken over with a warning) even when
+    its PID has been reused; a live holder stops the second run with a message naming it. Where the file
+    system has no locks, a holder of this host whose PID is gone counts as stale."""
 
     def __init__(self, directory: Path, say=print):
         self.path = directory / LOCK
-        self.held = False
+        self.fd = None
+        try:
+            self._take(directory, say)
+        except OSError as exc:
+            raise CheckpointError(f"{directory}: cannot use it as the checkpoint directory ({exc.strerror}); choose "
+                                  "a --save directory this job can write") from None
+
+    def _take(self, directory: Path, say) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join(sys.argv)}
-        for _ in range(2):
+        for _ in range(3):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held_by_other = False
+            except BlockingIOError:
+                held_by_other = True
+            except OSError:  # no locking on this file system: judge by the recorded PID
+                held_by_other = not self._stale(self._holder())
+            if held_by_other:
                 holder = self._holder()
-                if not self._stale(holder):
-                    raise CheckpointError(
-                        f"{directory}: another run is using this checkpoint directory (pid {holder.get('pid')} on "
-                        f"{holder.get('host')}, started {holder.get('started')}: {holder.get('command', '?')}); "
-                        f"wait for it, or use another --save directory. If that run is gone (it ran on another "
-                        f"host), delete {self.path}")
+                os.close(fd)
+                raise CheckpointError(
+                    f"{directory}: another run is using this checkpoint directory (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, started {holder.get('started')}: {holder.get('command', '?')}); wait "
+                    f"for it, or use another --save directory. If no run uses it any more, delete {self.path}")
+            if os.fstat(fd).st_ino != os.stat(self.path).st_ino:  # released and removed while we opened it
+                os.close(fd)
+                continue
+            holder = self._holder()
+            if holder:
                 say(f"warning: {self.path} was left by pid {holder.get('pid')} on {holder.get('host')}, which is no "
                     "longer running; taking it over")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": " ".join(sys.argv)}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode())
+            self.fd = fd
             return
+        raise CheckpointError(f"{self.path}: another process keeps re-creating this lock; make sure no other run "
+                              "uses the directory")
 
     def _holder(self) -> dict:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
     @staticmethod
     def _stale(holder: dict) -> bool:
         if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-            return False
+            return not holder
+        if holder["pid"] == os.getpid():
+            return True
         try:
             os.kill(holder["pid"], 0)
         except ProcessLookupError:
@@ -128,9 +158,10 @@ class RunLock:
         return False
 
     def release(self) -> None:
-        if self.held:
+        if self.fd is not None:
             self.path.unlink(missing_ok=True)
-            self.held = False
+            os.close(self.fd)
+            self.fd = None
 
 
 def layout_of(grid) -> dict:

@@ -76,6 +76,10 @@ def deepspeed_config(cfg: Config, batch: BatchLayout, base: dict, source: str) -
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{source}: 'optimizer'/'scheduler' are set by megaqkv from training.* (lr, betas, eps, "
                           "weight_decay, schedule); remove them from the DeepSpeed config")
+    if ds.get("checkpoint", {}).get("load_universal"):
+        raise ConfigError(f"{source}: checkpoint.load_universal: loading DeepSpeed universal checkpoints is not "
+                          "supported yet (DeepSpeed unpickles their files with weights_only=False); convert the "
+                          "checkpoint with tools/convert_ckpt.py and use checkpoint.load")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage > 1:
         raise ConfigError(f"{source}: zero_optimization.stage={stage}: DeepSpeed's pipeline engine supports ZeRO "

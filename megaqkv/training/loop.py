@@ -28,6 +28,8 @@ from .schedule import align_schedule
 # What a resumed run must share with the run that wrote the checkpoint: these decide which samples come
 # next (sample index, shuffle, packing) and what a step is, so changing them would repeat or skip data.
 RESUME_MUST_MATCH = ("training.seed", "training.seq_length", "training.global_batch_size")
+# What may differ from the checkpoint's model: how it is trained or run, not what it computes.
+MODEL_MAY_DIFFER = ("embedding_dropout", "attention_dropout", "hidden_dropout", "init_std", "attention_backend")
 
 
 class TrainingError(RuntimeError):
@@ -92,24 +94,27 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(client: dict, cfg: Config, where: str) -> None:
-    """A checkpoint continues only the run that wrote it: the same model and the same data order. One written
-    by tools/convert_ckpt.py carries no training settings of its own, so only its model is compared."""
+def check_resumable(client: dict, cfg: Config, where: str, same_run: bool) -> None:
+    """A checkpoint holds one model: another architecture is an error listing what differs. Resuming the run's
+    own directory (`same_run`) must also keep the data order; a checkpoint written by tools/convert_ckpt.py
+    carries no training settings of its own, so only its model is compared."""
     ours, theirs = _flat(cfg.to_dict()), _flat(client["config"])
-    model = [k for k in ours if k.startswith("model.") and k != "model.attention_backend"
-             and theirs.get(k) != ours[k]]
+    model = [k for k in ours if k.startswith("model.") and k.split(".", 1)[1] not in MODEL_MAY_DIFFER
+             and k in theirs and theirs[k] != ours[k]]
     if model:
         raise ConfigError(f"{where} holds a different model: " + ", ".join(
-            f"{k} is {theirs.get(k)!r} there, {ours[k]!r} here" for k in model)
-            + "; resume with the checkpoint's model config, or use another --save directory")
-    data = [k for k in RESUME_MUST_MATCH if theirs.get(k) != ours[k] and not client.get("converted_from")]
+            f"{k} is {theirs[k]!r} there, {ours[k]!r} here" for k in model)
+            + "; use the checkpoint's model config, or another --save directory for another model")
+    if not same_run or client.get("converted_from"):
+        return
+    data = [k for k in RESUME_MUST_MATCH if k in theirs and theirs[k] != ours[k]]
     if data:
-        raise ConfigError(f"{where} was trained with " + ", ".join(f"{k}={theirs.get(k)!r}" for k in data)
+        raise ConfigError(f"{where} was trained with " + ", ".join(f"{k}={theirs[k]!r}" for k in data)
                           + "; this run has " + ", ".join(f"{k}={ours[k]!r}" for k in data)
                           + ". Changing them on resume would repeat or skip training data and make the token count "
                           "jump; resume with the checkpoint's values (--set " + " --set ".join(
-                              f"{k}={theirs.get(k)}" for k in data) + "), or start a new run in another --save "
-                          "directory")
+                              f"{k}={theirs[k]}" for k in data) + "), or start a new run in another --save directory "
+                          f"with --set checkpoint.load={where}")
 
 
 def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -> int:
@@ -117,6 +122,10 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
     `checkpoint.load` (a DeepSpeed checkpoint of this layout, or a consolidated one at any layout). Returns
     samples consumed."""
     own = bool(ckpt_dir and layout.complete_tags(ckpt_dir))
+    if ckpt_dir and not own and layout.leftovers(ckpt_dir):
+        raise ConfigError(f"checkpoint.dir: {ckpt_dir} has no checkpoint that verifies, but holds "
+                          f"{', '.join(layout.leftovers(ckpt_dir))} from an earlier run; starting over there would "
+                          "hide that. Use another --save directory, or remove them to start from scratch")
     if own:
         if not cfg.checkpoint.resume:
             raise ConfigError(f"checkpoint.dir: {ckpt_dir} holds checkpoints of an earlier run and checkpoint.resume "
@@ -141,7 +150,7 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
                           f"{checkpointing.layout_of(grid)}; convert it (tools/convert_ckpt.py --to consolidated, "
                           "then checkpoint.load=<that directory>, or --to deepspeed at this layout) or run at the "
                           "checkpoint's layout")
-    check_resumable(client, cfg, f"{source}/{tag}")
+    check_resumable(client, cfg, f"{source}/{tag}", same_run=own)
     _, client = engine.load_checkpoint(str(source), tag=tag)
     checkpointing.set_rng_state(client["rng"], grid.tp.rng)
     say(f"resumed from {source}/{tag}: step {engine.global_steps}, {client['consumed_samples']:,} samples consumed")
@@ -175,8 +184,8 @@ def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
         if is_writer:
             try:
                 lock = checkpointing.RunLock(ckpt_dir, say)
-            except CheckpointError as exc:
-                failure = [str(exc)]
+            except Exception as exc:  # noqa: BLE001 - every rank must learn of it, or the others would wait
+                failure = [str(exc) if isinstance(exc, CheckpointError) else f"{ckpt_dir}: {exc!r}"]
         dist.broadcast_object_list(failure, src=0)
         if failure[0]:
             raise ConfigError(failure[0])
@@ -208,7 +217,7 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
         say(f"nothing to do: the checkpoint is at step {engine.global_steps} of {steps}")
         return {"step": engine.global_steps, "reason": "already finished", "train": [], "valid": []}
     metrics_file = Path(cfg.logging.tensorboard_dir) / "metrics.jsonl" if cfg.logging.tensorboard_dir else None
-    if is_writer and metrics_file:
+    if is_writer and metrics_file and engine.global_steps:
         cut_metrics(metrics_file, engine.global_steps)
     universal_info = checkpointing.universal_checkpoint_info(cfg, grid.tp_size)
     monitor = Monitor(cfg, dist.get_world_size(), is_writer, steps, log, first_step=engine.global_steps + 1)
@@ -255,13 +264,16 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
             record("train", {"step": step, **row})
             nonfinite = 0 if math.isfinite(loss) else nonfinite + 1
             if nonfinite >= t.max_nonfinite_steps:
-                good = [tag for tag in layout.complete_tags(ckpt_dir) if layout.read_marker(ckpt_dir / tag).get(
-                    "loss_finite", True)] if ckpt_dir else []
+                good = layout.finite_tags(ckpt_dir) if ckpt_dir else []
+                newer = [t for t in layout.complete_tags(ckpt_dir) if good and layout.step_of(t) > layout.step_of(
+                    good[-1])] if ckpt_dir else []
                 raise TrainingError(
                     f"the training loss was not finite for {nonfinite} consecutive steps (steps "
                     f"{step - nonfinite + 1}-{step}, training.max_nonfinite_steps={t.max_nonfinite_steps}); "
                     "stopped without saving. "
-                    + (f"The newest checkpoint with a finite loss is {ckpt_dir / good[-1]}. " if good else "")
+                    + (f"The newest checkpoint with a finite loss is {ckpt_dir / good[-1]}"
+                       + (f" (to resume from it, move the newer {', '.join(newer)} out of {ckpt_dir})" if newer
+                          else "") + ". " if good else "")
                     + "Lower training.lr or warm up longer, and check the data")
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step < steps:
                 validate(step)
