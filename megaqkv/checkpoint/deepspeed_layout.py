@@ -174,14 +174,6 @@ def quarantine(tag_dir: Path) -> Path:
     return target
 
 
-def candidates(directory: Path) -> list[str]:
-    """Complete tags to try, best first: the one `latest` names, then the others newest first."""
-    tags = complete_tags(directory)[::-1]
-    latest = directory / "latest"
-    named = latest.read_text().strip() if latest.is_file() else None
-    return ([named] if named in tags else []) + [t for t in tags if t != named]
-
-
 def describe(problems: list[tuple[str, str]]) -> str:
     return "; ".join(m for _, m in problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
 
@@ -192,7 +184,8 @@ def choose(directory: Path, problems_of: Callable[[Path], list[tuple[str, str]]]
     one stops everything. `problems_of` lets a job verify collectively (every rank a share, results gathered)."""
     latest = directory / "latest"
     named = latest.read_text().strip() if latest.is_file() else None
-    tags = candidates(directory)
+    newest_first = complete_tags(directory)[::-1]  # tried after the one `latest` names
+    tags = ([named] if named in newest_first else []) + [t for t in newest_first if t != named]
     if named and named not in tags:
         say(f"warning: {latest} names '{named}', which is incomplete (the run stopped while saving it)"
             + ("; trying the newest complete checkpoint" if tags else ""))
