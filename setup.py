@@ -30,9 +30,12 @@ setup(
     extras_require={
         # megatron-core: an independent reader/writer of the .bin/.idx format for compatibility tests
         # transformers: the HF export is checked against GPT2LMHeadModel itself; lm-eval: the harness adapter
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12", "transformers>=4.40", "lm-eval>=0.4.2"],
+        # triton: the Triton kernels are tested on CPU through its interpreter (TRITON_INTERPRET=1)
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12", "transformers>=4.40", "lm-eval>=0.4.2",
+                 "triton>=3.0"],
         "eval": ["lm-eval>=0.4.2", "transformers>=4.40"],
         "flash": ["flash-attn>=2.5"],
+        "triton": ["triton>=3.0"],  # megaqkv's attention kernels (CUDA); PyTorch paths without it
     },
     entry_points={"console_scripts": [
         "megaqkv-analyze=megaqkv.analysis:main",

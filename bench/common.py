@@ -40,3 +40,21 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
     return wall, peak[0], stdout
+
+
+def two_pass_attention(q, keys, values, valid, start):
+    """The cached attention megaqkv had before its blocked kernel (the baseline the benchmarks compare with):
+    the scores of the whole cache in one product, then the values in a second pass over it."""
+    import torch
+
+    b, n, heads, d = q.shape
+    groups, length = keys.shape[1], start + n
+    k, v = keys[:, :, :length], values[:, :, :length]
+    grouped = q.reshape(b, n, groups, heads // groups, d).permute(0, 2, 3, 1, 4).reshape(b, groups, -1, d)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * d ** -0.5
+    slot, query = torch.arange(length, device=q.device), torch.arange(start, length, device=q.device)[:, None]
+    seen = (slot <= query) & (valid[:, None, :length] | (slot == query))  # [b, n, length]
+    scores = scores.view(b, groups, heads // groups, n, -1).masked_fill(~seen[:, None, None], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype).view(b, groups, -1, length)
+    out = torch.matmul(probs, v)
+    return out.view(b, groups, heads // groups, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)

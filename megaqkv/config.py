@@ -60,7 +60,7 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     init_std: float = 0.02
-    attention_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    attention_backend: Literal["auto", "sdpa", "flash", "triton"] = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -98,6 +98,10 @@ class ModelConfig:
             p = getattr(self, key)
             if not 0.0 <= p < 1.0:
                 raise FieldError(prefix + key, f"must be in [0, 1), got {p}")
+        if self.attention_backend == "triton" and self.attention_dropout > 0:
+            raise FieldError(prefix + "attention_dropout",
+                             f"{self.attention_dropout} needs attention dropout, which the Triton kernel does not "
+                             "have (the paper trains with 0): set it to 0, or attention_backend: sdpa")
         for key in ("layernorm_eps", "init_std"):
             if getattr(self, key) <= 0:
                 raise FieldError(prefix + key, f"must be positive, got {getattr(self, key)}")

@@ -13,6 +13,10 @@ FIXTURES = REPO / "tests" / "fixtures"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The Triton kernels are tested on CPU tensors through Triton's interpreter, which Triton reads when a kernel
+# is defined (megaqkv imports its kernels on first use, after this).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def free_port() -> int:
     with socket.socket() as s:

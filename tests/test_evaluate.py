@@ -102,7 +102,7 @@ def test_perplexity_identical_through_every_checkpoint_format(corpus, tmp_path, 
 def test_generate_cli_reports_the_cache(tmp_path, capsys):
     consolidated.save(random_consolidated("qmqa"), tmp_path / "c")
     assert generate_main(["--checkpoint", str(tmp_path / "c"), "--prompt", "Alice was", "--max-new-tokens", "5"]) == 2
-    assert "outside the model's vocabulary of 1000; use the tokenizer" in capsys.readouterr().err  # GPT-2 ids
+    assert "vocabulary of 50257 does not fit the model's 1000 embedding rows" in capsys.readouterr().err  # GPT-2
     assert generate_main(["--checkpoint", str(tmp_path / "c"), "--prompt", "Alice was", "--prompt", "The Queen",
                           "--max-new-tokens", "5", "--tokenizer", str(byte_tokenizer(tmp_path))]) == 0
     out = capsys.readouterr().out
@@ -122,6 +122,7 @@ def harness(model):
 
     class Tok:  # the tiny models have 1000 tokens: a byte-level stand-in keeps ids in range
         eod = GPT2_EOD % 1000
+        vocab_size = 1000
 
         def encode_batch(self, texts):
             return [[b % 999 for b in t.encode()] for t in texts]

@@ -115,3 +115,28 @@ def test_stop_tokens_and_limits():
     assert cut.tokens == [free[:first]] * 2 and cut.stopped == [True, True]
     with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
         generate(model, [[1] * 250], Sampling(max_new_tokens=10))
+
+
+def test_vocabulary_padding_is_never_sampled():
+    """Embedding rows past the tokenizer's vocabulary are padding: even when they score highest, generation
+    (greedy and sampled) picks real ids only."""
+    model = tiny("qmqa")
+    with torch.no_grad():
+        model.wte.weight[990:] = model.wte.weight[:10].abs().sum(0) * 50  # tied head: padding rows win
+    prompt = [5, 6, 7]
+    assert max(generate(model, [prompt], Sampling(max_new_tokens=4)).tokens[0]) >= 990  # the trap is real
+    for s in (Sampling(max_new_tokens=8), Sampling(max_new_tokens=8, temperature=1.0, seed=3)):
+        tokens = generate(model, [prompt, prompt[:1]], s, vocab_size=990).tokens
+        assert all(0 <= t < 990 for row in tokens for t in row) and all(len(row) == 8 for row in tokens)
+    with pytest.raises(ValueError, match="outside the vocabulary of 990"):
+        generate(model, [[995]], Sampling(max_new_tokens=1), vocab_size=990)
+    with pytest.raises(ValueError, match="does not fit the model's 1000"):
+        generate(model, [prompt], Sampling(max_new_tokens=1), vocab_size=1001)
+
+
+def test_prompt_padding_must_be_on_the_left():
+    model = tiny("kv")
+    cache = KVCache(model.cfg, 2, 16, torch.float32)
+    right_padded = torch.tensor([[True, True, True], [True, True, False]])
+    with pytest.raises(ValueError, match="padding must be on the left"):
+        model(torch.zeros(2, 3, dtype=torch.long), cache=cache, valid=right_padded)

@@ -13,8 +13,10 @@ import torch
 
 from megaqkv.config import load_model_config
 from megaqkv.model import GPT
-from megaqkv.model import kernels
-from megaqkv.variants import PRESETS
+from megaqkv.kernels import attention as katt, detect, norm as knorm
+from megaqkv.kernels.columns import Columns
+from megaqkv.kernels.roles import split_roles
+from megaqkv.variants import PRESETS, AttentionLayout
 
 from conftest import MODEL_CONFIGS
 
@@ -141,7 +143,7 @@ def test_shared_roles_are_one_tensor():
     for preset, same in (("kv", {"kv"}), ("qmqa", {"kv"}), ("k", {"qk", "kv"}), ("qk", {"qk"}), ("qkv", set())):
         cfg = load_model_config(MODEL_CONFIGS / f"tiny_{preset}.yaml")
         attn = GPT(cfg).layers[0].attn
-        q, k, v = attn.split_heads(torch.randn(2, 5, attn.local.rows))
+        q, k, v = split_roles(torch.randn(2, 5, attn.local.rows), None, attn.cols)
         assert {"qk"} & same == ({"qk"} if q is k else set())
         assert {"kv"} & same == ({"kv"} if k is v else set())
         assert k.shape == (2, 5, cfg.kv_heads, cfg.head_dim) and q.shape == (2, 5, cfg.num_heads, cfg.head_dim)
@@ -196,31 +198,33 @@ def fake_flash(calls):
 
 
 def test_attention_backend_selection(monkeypatch):
-    q = torch.randn(2, 6, 8, 16, dtype=torch.bfloat16)
-    kv = torch.randn(2, 6, 2, 16, dtype=torch.bfloat16)
+    cols = Columns.fused(AttentionLayout("kv", 8, 2, 16))  # Q-GQA-2: one K=V slot per group
+    fused = torch.randn(2, 6, 2 * 5 * 16, dtype=torch.bfloat16)
     # Here flash-attn is absent: auto falls back to SDPA, an explicit request says what is missing.
-    if kernels.flash_attn_func() is None:
-        assert kernels.select_attention_backend("auto", q) == "sdpa"
+    if detect.flash_attn_func() is None:
+        assert katt.choose_backend("auto", fused, 16, 0.0) == "sdpa"
         with pytest.raises(RuntimeError, match="flash-attn is not importable"):
-            kernels.select_attention_backend("flash", q)
+            katt.choose_backend("flash", fused, 16, 0.0)
     calls = []
-    monkeypatch.setattr(kernels, "flash_attn_func", lambda: fake_flash(calls))
+    monkeypatch.setattr(katt, "flash_attn_func", lambda: fake_flash(calls))
+    monkeypatch.setattr(detect, "flash_attn_func", lambda: fake_flash(calls))
     # Importable but on CPU: auto still uses SDPA; an explicit request names the reason.
-    assert kernels.select_attention_backend("auto", q) == "sdpa"
+    assert katt.choose_backend("auto", fused, 16, 0.0) == "sdpa"
     with pytest.raises(RuntimeError, match="needs CUDA fp16/bf16"):
-        kernels.select_attention_backend("flash", q)
-    monkeypatch.setattr(kernels, "on_accelerator", lambda t: True)
-    assert kernels.select_attention_backend("sdpa", q) == "sdpa"
-    assert kernels.select_attention_backend("auto", q.float()) == "sdpa"
-    assert kernels.select_attention_backend("auto", q) == "flash"
-    flash_out = kernels.causal_attention(q, kv, kv, dropout_p=0.0, backend="auto")
-    sdpa_out = kernels.causal_attention(q, kv, kv, dropout_p=0.0, backend="sdpa")
+        katt.choose_backend("flash", fused, 16, 0.0)
+    monkeypatch.setattr(detect, "on_accelerator", lambda t: True)
+    monkeypatch.setitem(katt.AUTO, "cpu", ("flash", "sdpa"))  # as if this CPU were a GPU without Triton
+    assert katt.choose_backend("sdpa", fused, 16, 0.0) == "sdpa"
+    assert katt.choose_backend("auto", fused.float(), 16, 0.0) == "sdpa"
+    assert katt.choose_backend("auto", fused, 16, 0.0) == "flash"
+    flash_out = katt.causal_attention(fused, None, cols, dropout_p=0.0, backend="auto")
+    sdpa_out = katt.causal_attention(fused, None, cols, dropout_p=0.0, backend="sdpa")
     assert calls == [((2, 6, 8, 16), (2, 6, 2, 16), True, True)]  # [b, s, h, d], K=V one tensor, causal
     assert (flash_out.float() - sdpa_out.float()).abs().max() < 2e-2  # bf16 rounding
 
 
 def test_layer_norm_selection(monkeypatch):
-    ln = kernels.LayerNorm(16, eps=1e-5)
+    ln = knorm.LayerNorm(16, eps=1e-5)
     x = torch.randn(3, 16)
     plain = ln(x)
     used = []
@@ -229,8 +233,8 @@ def test_layer_norm_selection(monkeypatch):
         used.append(sorted(kw))
         return torch.nn.functional.layer_norm(kw["input"], kw["normalized_shape"], kw["weight"], kw["bias"], kw["eps"])
 
-    monkeypatch.setattr(kernels, "apex_layer_norm", lambda: fused)
+    monkeypatch.setattr(knorm, "apex_layer_norm", lambda: fused)
     assert torch.equal(ln(x), plain) and not used  # CPU tensor: apex is not used
-    monkeypatch.setattr(kernels, "on_accelerator", lambda t: True)
+    monkeypatch.setattr(knorm, "on_accelerator", lambda t: True)
     assert torch.equal(ln(x), plain)
     assert used == [["bias", "eps", "input", "normalized_shape", "weight"]]

@@ -79,7 +79,8 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as HF
 
         self.tok = HF.from_file(path)
-        self.spec, self.vocab_size = path, self.tok.get_vocab_size(with_added_tokens=True)
+        # ids may leave gaps (get_vocab_size counts tokens): the vocabulary spans up to the largest id
+        self.spec, self.vocab_size = path, max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
         ids = [self.tok.token_to_id(t) for t in self.EOD_NAMES]
         found = [i for i in ids if i is not None]
         if not found:

@@ -168,14 +168,18 @@ def generate_main(argv=None) -> int:
     try:
         from ..checkpoint.loading import build_model, detect, read
         from ..data.tokenizers import build_tokenizer
+        from ..kernels.attention import kernels_text
         from ..parallel.grid import SINGLE
 
         path = Path(args.checkpoint)
         ck = read(path, args.format or detect(path), with_optimizer=False, log=say)
         model = build_model(ck, grid.tp if grid else SINGLE, args.device, DTYPES[args.dtype])
         tok = build_tokenizer(args.tokenizer)
+        m = model.cfg
+        say(kernels_text(m.attention_backend, model.wte.weight, m.head_dim, 0.0))
         result = generate(model, [tok.encode_batch([t])[0] for t in prompts],
-                          Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (tok.eod,), args.seed))
+                          Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (tok.eod,), args.seed),
+                          vocab_size=tok.vocab_size)
     except (CheckpointError, ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -106,7 +106,8 @@ class MegaqkvLM(TemplateLM):
                 budget = self.max_length - max_new
                 prompts = [self.tok_encode(requests[i].args[0])[-budget:] or [self.eot_token_id] for i in batch]
                 result = generate(self.model, prompts, Sampling(max_new_tokens=max_new, temperature=temperature,
-                                                                stop_tokens=(self.eot_token_id,)))
+                                                                stop_tokens=(self.eot_token_id,)),
+                                  vocab_size=self.tok.vocab_size)
                 for i, tokens in zip(batch, result.tokens):
                     text = self.tok_decode(tokens)
                     cuts = [text.find(s) for s in until if s and s in text]

@@ -7,10 +7,13 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.attention import causal_attention
+from ..kernels.columns import Columns
+from ..kernels.decode import cached_attention
+from ..kernels.roles import split_roles
 from ..parallel.grid import SINGLE, TPGroup
 from ..parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, copy_to_tp
 from ..variants import AttentionLayout
-from .kernels import causal_attention
 
 
 class Attention(nn.Module):
@@ -44,54 +47,32 @@ class Attention(nn.Module):
             group = tp.rank // (tp.size // layout.num_kv_heads)
             self.kv_rows = (group * kv_rows, (group + 1) * kv_rows)
         self.out_proj = RowParallelLinear(h, h, tp, bias=cfg.bias)
+        self.cols = (Columns.fused(self.local) if hasattr(self, "in_proj")
+                     else Columns.split(self.local.num_heads, self.head_dim, layout.kv_shared))
 
-    def split_heads(self, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[b, s, rows] -> q [b, s, heads, d], k and v [b, s, kv_heads, d]; shared roles stay one tensor."""
-        lay = self.local
-        b, s, _ = fused.shape
-        blocks = fused.view(b, s, -1, lay.slots_per_group, lay.head_dim)
-        k = blocks[:, :, :, lay.k_slot]
-        v = k if lay.v_slot == lay.k_slot else blocks[:, :, :, lay.v_slot]
-        q = k if lay.sharing in ("qk", "qkv") else blocks[:, :, :, :lay.q_per_group].flatten(2, 3)
-        return q, k, v
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The projection output(s) the kernels read: the fused rows, or the query rows and this rank's K/V rows."""
         if hasattr(self, "in_proj"):
-            return self.split_heads(self.in_proj(x))
+            return self.in_proj(x), None
         x = copy_to_tp(x, self.tp)  # one all-reduce of dx covers both the query and the K/V path
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)
-        kv = self.kv_proj.rows(x, *self.kv_rows).view(b, s, 1, -1, self.head_dim)
-        k = kv[:, :, :, 0]
-        return q, k, (k if kv.shape[3] == 1 else kv[:, :, :, 1])
+        return self.q_proj(x), self.kv_proj.rows(x, *self.kv_rows)
 
     def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
-        q, k, v = self.project(x)
+        sources = self.project(x)
         if cache is not None:
-            return self.out_proj(self.attend_cached(q, k, v, cache, layer).flatten(2))
+            return self.out_proj(self.attend_cached(sources, cache, layer).flatten(2))
         dropout = self.dropout_p if self.training else 0.0
         # Dropout on this rank's own heads draws from the per-rank stream.
         stream = self.tp.rng.fork() if dropout > 0 and self.tp.size > 1 else contextlib.nullcontext()
         with stream:
-            out = causal_attention(q, k, v, dropout_p=dropout, backend=self.backend)
+            out = causal_attention(*sources, self.cols, dropout_p=dropout, backend=self.backend)
         return self.out_proj(out.flatten(2))
 
-    @staticmethod
-    def attend_cached(q, k, v, cache, layer: int) -> torch.Tensor:
-        """Attention of the new tokens over everything cached (prefill and decode).
-
-        The query heads of a KV group are stacked against that group's keys, so a grouped or multi-query
-        cache is read once per group, never repeated per query head (PyTorch's CPU SDPA kernel spends
-        milliseconds per layer on a one-token query at long contexts; two matmuls take microseconds).
-        K=V passes one cached tensor as both.
-        """
-        keys, values = cache.update(layer, k, v)  # [b, g, length, d]
-        b, n, heads, d = q.shape
-        groups = keys.shape[1]
-        grouped = q.reshape(b, n, groups, heads // groups, d).permute(0, 2, 3, 1, 4).reshape(b, groups, -1, d)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * d ** -0.5  # [b, g, r*n, length]
-        scores = scores.view(b, groups, heads // groups, n, -1).masked_fill(~cache.attention_mask(n)[:, None],
-                                                                            float("-inf"))
-        probs = scores.softmax(-1).to(values.dtype).view(b, groups, -1, scores.shape[-1])
-        out = torch.matmul(probs, values)  # [b, g, r*n, d]
-        return out.view(b, groups, heads // groups, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
+    def attend_cached(self, sources, cache, layer: int) -> torch.Tensor:
+        """Attention of the new tokens over everything cached. A prefill (empty cache) runs the training
+        kernel over the prompt; later tokens read the cache once (`kernels.decode`)."""
+        q, k, v = split_roles(*sources, self.cols)
+        keys, values = cache.write(layer, k, v)
+        if cache.length == 0:
+            return causal_attention(*sources, self.cols, backend=self.backend, starts=cache.starts)
+        return cached_attention(q, keys, values, cache.valid, cache.length)

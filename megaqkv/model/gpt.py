@@ -20,7 +20,7 @@ from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabPara
 from ..parallel.random import checkpoint
 from ..parallel.sharding import init_parameters
 from .attention import Attention
-from .kernels import LayerNorm
+from ..kernels.norm import LayerNorm
 
 
 class PositionEmbedding(nn.Module):
@@ -104,9 +104,11 @@ class GPT(nn.Module):
         return self.wte if self.lm_head is None else self.lm_head
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None, cache=None, valid: torch.Tensor | None = None) -> GPTOutput:
+                loss_mask: torch.Tensor | None = None, cache=None, valid: torch.Tensor | None = None,
+                last_only: bool = False) -> GPTOutput:
         """With a `KVCache`, `tokens` continue what the cache holds (a left-padded prompt whose real tokens
-        `valid` marks, or one new token per sequence) and the cache advances past them."""
+        `valid` marks, or one new token per sequence) and the cache advances past them. `last_only`: logits
+        of the last position only (what generation samples from), not a [tokens, vocab] tensor."""
         positions = None
         if cache is not None:
             positions = cache.begin(torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid)
@@ -115,6 +117,8 @@ class GPT(nn.Module):
             x = layer(x, cache, i)
         if cache is not None:
             cache.advance(tokens.shape[1])
+        if last_only:
+            x = x[:, -1:]
         logits = self.head.logits(self.ln_f(x))
         loss = None if labels is None else masked_mean(vocab_parallel_cross_entropy(logits, labels, self.head.start, self.head.tp), loss_mask)
         return GPTOutput(logits, loss)

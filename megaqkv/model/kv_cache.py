@@ -2,7 +2,7 @@
 
 Per layer one buffer [batch, kv_heads, max_len, head_dim] for keys and one for values — or a
 single buffer when key and value are one projection (K=V: Q–K=V, Q=K=V, Q-GQA, Q-MQA), which
-the attention then passes as both. `kv_heads` is this tensor-parallel rank's share: num_kv_heads
+the attention then passes as both (and reads once). `kv_heads` is this tensor-parallel rank's share: num_kv_heads
 / TP, or the one group its query heads read when there are fewer KV heads than ranks. Prompts
 of different lengths are left-padded; `valid` marks real tokens, and positions count only them.
 """
@@ -29,6 +29,8 @@ class KVCache:
                                                           for _ in range(cfg.num_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.batch, self.max_len, self.length = batch, max_len, 0
+        self.starts = None  # first real slot of each prompt, when some prompt is left-padded
+        self.real = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens cached per sequence
 
     @property
     def nbytes(self) -> int:
@@ -40,31 +42,30 @@ class KVCache:
         return self.nbytes / (self.batch * self.max_len)
 
     def begin(self, valid: torch.Tensor) -> torch.Tensor:
-        """Register the next `valid.shape[1]` tokens; returns their positions (counting real tokens only)."""
+        """Register the next `valid.shape[1]` tokens; returns their positions (counting real tokens only).
+        The first call is the prompt: its padding must come first (left padding)."""
         start, n = self.length, valid.shape[1]
         if start + n > self.max_len:
             raise ValueError(f"KV cache full: {start} + {n} tokens exceed its {self.max_len} slots")
+        if start == 0:
+            host = valid.cpu()  # the prefill's one synchronisation
+            if bool((host[:, :-1] & ~host[:, 1:]).any()):
+                raise ValueError("prompt padding must be on the left: a real token is followed by padding")
+            starts = n - host.sum(1)
+            self.starts = starts.to(valid.device) if bool(starts.any()) else None  # None: plain causal attention
         self.valid[:, start:start + n] = valid
-        return (self.valid[:, :start + n].long().cumsum(1)[:, start:] - 1).clamp(min=0)
+        positions = (self.real[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
+        self.real = self.real + valid.sum(1)
+        return positions
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values ([batch, n, kv_heads, d]) into their slots; return everything cached
-        so far as [batch, kv_heads, length, d]."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values ([batch, n, kv_heads, d]) into their slots; return the layer's whole
+        buffers (the same tensor twice for K=V), valid up to the slots written."""
         start, stop = self.length, self.length + k.shape[1]
         self.keys[layer][:, :, start:stop] = k.transpose(1, 2)
-        keys = self.keys[layer][:, :, :stop]
-        if self.values is self.keys:
-            return keys, keys
-        self.values[layer][:, :, start:stop] = v.transpose(1, 2)
-        return keys, self.values[layer][:, :, :stop]
-
-    def attention_mask(self, n: int) -> torch.Tensor:
-        """[batch, 1, n, length + n]: a query sees real earlier tokens and itself (padding never attends out)."""
-        stop = self.length + n
-        slots = torch.arange(stop, device=self.valid.device)
-        query = slots[self.length:, None]
-        causal = slots[None, :] <= query
-        return ((self.valid[:, None, :stop] & causal) | (slots[None, :] == query))[:, None]
+        if self.values is not self.keys:
+            self.values[layer][:, :, start:stop] = v.transpose(1, 2)
+        return self.keys[layer], self.values[layer]
 
     def advance(self, n: int) -> None:
         self.length += n

@@ -12,7 +12,7 @@ from ..parallel.grid import ProcessGrid, TPGroup
 from ..parallel.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy, vocab_partition
 from ..parallel.sharding import init_parameters
 from .gpt import Block, PositionEmbedding, masked_mean
-from .kernels import LayerNorm
+from ..kernels.norm import LayerNorm
 
 
 class LMHead(VocabParallelEmbedding):

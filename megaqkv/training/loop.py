@@ -17,6 +17,7 @@ from ..checkpoint.consolidated import CheckpointError
 from ..checkpoint.deepspeed_format import client_state_of
 from ..checkpoint.engine_state import load_into_engine
 from ..config import Config, ConfigError
+from ..kernels.attention import kernels_text
 from ..model.pipeline import PipelineLoss
 from ..parallel.grid import ProcessGrid, comm_device
 from . import checkpointing
@@ -208,6 +209,8 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
     valid = eval_batches(valid_ds, valid_samples, t.micro_batch_size, grid.dp_size, grid.dp_rank, t.seq_length)
     engine = build_engine(cfg, grid, ds_config, total_steps=steps)
     checkpointing.use_safe_loader(engine)
+    m = cfg.model
+    say(kernels_text(m.attention_backend, next(engine.module.parameters()), m.head_dim, m.attention_dropout))
 
     consumed = resume(engine, cfg, grid, ckpt_dir, say)
     if engine.global_steps:

@@ -1,0 +1,122 @@
+"""Causal attention for training and prefill, read straight from the projection output.
+
+Backends: `triton` (ours: a GQA/MQA or K=V tile loaded once per KV group for both products, one fused
+gradient written), `flash` (flash-attn) and `sdpa` (PyTorch). `auto` takes the first that runs here from
+AUTO (docs/kernels.md keeps the measurements behind that order).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .columns import Columns
+from .detect import flash_attn_func, flash_runs_on, passes_self_test, triton_runs_on
+from .roles import split_roles
+
+BACKENDS = ("auto", "sdpa", "flash", "triton")
+HALF = (torch.float16, torch.bfloat16)
+# device type -> training/prefill backends `auto` tries, fastest first (docs/kernels.md).
+AUTO = {"cuda": ("triton", "flash", "sdpa"), "cpu": ("sdpa",)}
+
+
+def triton_supports(t: torch.Tensor, head_dim: int, dropout_p: float) -> str | None:
+    """Why the Triton kernel cannot take this call, or None when it can."""
+    if not triton_runs_on(t):
+        return "Triton is not importable or has no CUDA device here (pip install 'megaqkv[triton]')"
+    if head_dim < 16 or head_dim & (head_dim - 1) or head_dim > 256:
+        return f"the Triton kernel needs a power-of-two head_dim in [16, 256], got {head_dim}"
+    if dropout_p > 0:
+        return "the Triton kernel has no attention dropout"
+    return None
+
+
+def triton_self_test(cols: Columns, like: torch.Tensor) -> bool:
+    """The Triton kernel's forward and backward on a small input of this variant equal SDPA's."""
+    def run() -> float:
+        from .triton_attention import triton_attention
+
+        g = torch.Generator(like.device).manual_seed(0)
+        srcs = [torch.randn(2, 80, width, generator=g, device=like.device, dtype=like.dtype).requires_grad_()
+                for width in source_widths(cols)]
+        up = torch.randn(2, 80, cols.heads, cols.head_dim, generator=g, device=like.device, dtype=like.dtype)
+        ours = triton_attention(*srcs, cols) if len(srcs) == 2 else triton_attention(srcs[0], None, cols)
+        got = [ours] + list(torch.autograd.grad(ours, srcs, up))
+        q, k, v = split_roles(*srcs, cols) if len(srcs) == 2 else split_roles(srcs[0], None, cols)
+        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=k.shape[2] != q.shape[2]).transpose(1, 2)
+        want = [ref] + list(torch.autograd.grad(ref, srcs, up))
+        return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
+                   for a, b in zip(got, want))
+
+    return passes_self_test(("Triton attention", like.device.type, like.dtype, cols), run, 2e-2)
+
+
+def source_widths(cols: Columns) -> list[int]:
+    """Columns of the projection output(s) that `cols` describes."""
+    if cols.one_source:
+        return [cols.groups * cols.q_group_stride]
+    return [cols.heads * cols.head_dim, (1 if cols.kv_shared else 2) * cols.head_dim]
+
+
+def choose_backend(requested: str, t: torch.Tensor, head_dim: int, dropout_p: float,
+                   cols: Columns | None = None) -> str:
+    """The backend this call runs on; an explicit request that cannot run here is an error, not a fallback.
+    `auto` takes Triton only where its self-test on this variant (`cols`) passes."""
+    why = {"triton": triton_supports(t, head_dim, dropout_p),
+           "flash": None if flash_runs_on(t) else
+           ("flash-attn is not importable (pip install 'megaqkv[flash]')" if flash_attn_func() is None else
+            f"flash-attn needs CUDA fp16/bf16 tensors with head_dim <= 256 (got {t.device.type} {t.dtype})"),
+           "sdpa": None}
+    if requested != "auto":
+        if why[requested]:
+            raise RuntimeError(f"attention_backend is '{requested}' but {why[requested]}; "
+                               "set attention_backend: auto to use what runs here")
+        return requested
+    for name in AUTO.get(t.device.type, ("sdpa",)):
+        if why[name] is None and (name != "triton" or (t.dtype in HALF and (
+                cols is None or triton_self_test(cols, t)))):
+            return name
+    return "sdpa"
+
+
+_last_mask: list = [None, None]  # (starts, mask): every layer of one prefill shares the mask
+
+
+def padding_mask(starts: torch.Tensor, n: int) -> torch.Tensor:
+    """[b, 1, n, n] causal mask of left-padded rows (built once per prefill, not once per layer)."""
+    if _last_mask[0] is starts and _last_mask[1].shape[-1] == n:
+        return _last_mask[1]
+    pos = torch.arange(n, device=starts.device)
+    mask = ((pos[None, :] <= pos[:, None]) & (pos[None, None, :] >= starts[:, None, None])
+            | (pos[None, :] == pos[:, None]))[:, None]
+    _last_mask[:] = [starts, mask]
+    return mask
+
+
+def causal_attention(q_src: torch.Tensor, kv_src: torch.Tensor | None, cols: Columns, *, backend: str,
+                     dropout_p: float = 0.0, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, s, heads, d] attention output of the projection output(s) described by `cols`.
+
+    `starts` [b] (prefill of left-padded prompts): row b's positions before starts[b] are padding, which
+    real tokens never see (a padding query sees only itself).
+    """
+    name = choose_backend(backend, q_src, cols.head_dim, dropout_p, cols)
+    if name == "triton":
+        from .triton_attention import triton_attention  # imported on first use: TRITON_INTERPRET is read then
+        return triton_attention(q_src, kv_src, cols, starts)
+    q, k, v = split_roles(q_src, kv_src, cols)
+    if name == "flash" and starts is None:
+        return flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
+    mask = None if starts is None else padding_mask(starts, q.shape[1])
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
+                                         enable_gqa=k.shape[2] != q.shape[2])
+    return out.transpose(1, 2)
+
+
+def kernels_text(backend: str, like: torch.Tensor, head_dim: int, dropout_p: float) -> str:
+    """What a run prints: the kernels its attention uses for tensors like `like` (device and dtype)."""
+    from .decode import decode_backend
+
+    return (f"attention kernels: training and prefill {choose_backend(backend, like, head_dim, dropout_p)}"
+            f" (attention_backend: {backend}), decoding {decode_backend(like, 1)}")
