@@ -25,10 +25,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from megaqkv.kernels.attention import causal_attention, choose_backend  # noqa: E402
+from megaqkv.kernels.attention import causal_attention, triton_supports  # noqa: E402
 from megaqkv.kernels.columns import Columns  # noqa: E402
 from megaqkv.kernels.decode import blocked_attention  # noqa: E402
-from megaqkv.kernels.detect import triton_runs_on  # noqa: E402
+from megaqkv.kernels.detect import flash_runs_on, triton_runs_on  # noqa: E402
 from megaqkv.variants import PRESETS, AttentionLayout, paper_name  # noqa: E402
 
 from common import two_pass_attention  # noqa: E402
@@ -59,14 +59,9 @@ def timed(fn, reps: int, device: torch.device) -> float:
 
 def training_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     probe = torch.empty(1, 1, HEAD_DIM, device=device, dtype=dtype)
-    usable = []
-    for name in ("sdpa", "flash", "triton"):
-        try:
-            choose_backend(name, probe, HEAD_DIM, 0.0)
-            usable.append(name)
-        except RuntimeError:
-            pass
-    return usable
+    return [name for name in ("sdpa", "flash", "triton")
+            if name == "sdpa" or (name == "flash" and flash_runs_on(probe))
+            or (name == "triton" and triton_supports(probe, HEAD_DIM, 0.0) is None)]
 
 
 def bench_training(presets, seq, batch, dtype, device, reps) -> None:
