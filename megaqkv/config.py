@@ -20,7 +20,6 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 SHARING_MODES = ("none", "qk", "kv", "qkv")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
 
 
 class ConfigError(ValueError):

@@ -175,8 +175,7 @@ def generate_main(argv=None) -> int:
         ck = read(path, args.format or detect(path), with_optimizer=False, log=say)
         model = build_model(ck, grid.tp if grid else SINGLE, args.device, DTYPES[args.dtype])
         tok = build_tokenizer(args.tokenizer)
-        m = model.cfg
-        say(kernels_text(m.attention_backend, model.wte.weight, m.head_dim, 0.0))
+        say(kernels_text(model.cfg.attention_backend, model.wte.weight, model.layers[0].attn.cols, 0.0))
         result = generate(model, [tok.encode_batch([t])[0] for t in prompts],
                           Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (tok.eod,), args.seed),
                           vocab_size=tok.vocab_size)

@@ -13,7 +13,6 @@ from .columns import Columns
 from .detect import flash_attn_func, flash_runs_on, passes_self_test, triton_runs_on
 from .roles import split_roles
 
-BACKENDS = ("auto", "sdpa", "flash", "triton")
 HALF = (torch.float16, torch.bfloat16)
 # device type -> training/prefill backends `auto` tries, fastest first (docs/kernels.md).
 AUTO = {"cuda": ("triton", "flash", "sdpa"), "cpu": ("sdpa",)}
@@ -79,44 +78,46 @@ def choose_backend(requested: str, t: torch.Tensor, head_dim: int, dropout_p: fl
     return "sdpa"
 
 
-_last_mask: list = [None, None]  # (starts, mask): every layer of one prefill shares the mask
+class LeftPadding:
+    """Left-padded prompts of a prefill: row b's first real position is starts[b]. Real tokens never see
+    padding; a padding query sees only itself. The library backends need it as a mask, built once per
+    prefill (not per layer) and freed with it."""
 
+    def __init__(self, starts: torch.Tensor):
+        self.starts = starts
+        self._mask = None
 
-def padding_mask(starts: torch.Tensor, n: int) -> torch.Tensor:
-    """[b, 1, n, n] causal mask of left-padded rows (built once per prefill, not once per layer)."""
-    if _last_mask[0] is starts and _last_mask[1].shape[-1] == n:
-        return _last_mask[1]
-    pos = torch.arange(n, device=starts.device)
-    mask = ((pos[None, :] <= pos[:, None]) & (pos[None, None, :] >= starts[:, None, None])
-            | (pos[None, :] == pos[:, None]))[:, None]
-    _last_mask[:] = [starts, mask]
-    return mask
+    def mask(self, n: int) -> torch.Tensor:
+        """[b, 1, n, n] boolean mask (True: may attend)."""
+        if self._mask is None:
+            pos = torch.arange(n, device=self.starts.device)
+            self._mask = ((pos[None, :] <= pos[:, None]) & (pos[None, None, :] >= self.starts[:, None, None])
+                          | (pos[None, :] == pos[:, None]))[:, None]
+        return self._mask
 
 
 def causal_attention(q_src: torch.Tensor, kv_src: torch.Tensor | None, cols: Columns, *, backend: str,
-                     dropout_p: float = 0.0, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """[b, s, heads, d] attention output of the projection output(s) described by `cols`.
-
-    `starts` [b] (prefill of left-padded prompts): row b's positions before starts[b] are padding, which
-    real tokens never see (a padding query sees only itself).
-    """
+                     dropout_p: float = 0.0, padding: LeftPadding | None = None) -> torch.Tensor:
+    """[b, s, heads, d] attention output of the projection output(s) described by `cols`; `padding`: the
+    prefill of left-padded prompts."""
     name = choose_backend(backend, q_src, cols.head_dim, dropout_p, cols)
     if name == "triton":
         from .triton_attention import triton_attention  # imported on first use: TRITON_INTERPRET is read then
-        return triton_attention(q_src, kv_src, cols, starts)
+        return triton_attention(q_src, kv_src, cols, None if padding is None else padding.starts)
     q, k, v = split_roles(q_src, kv_src, cols)
-    if name == "flash" and starts is None:
+    if name == "flash" and padding is None:
         return flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
-    mask = None if starts is None else padding_mask(starts, q.shape[1])
+    mask = None if padding is None else padding.mask(q.shape[1])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
                                          enable_gqa=k.shape[2] != q.shape[2])
     return out.transpose(1, 2)
 
 
-def kernels_text(backend: str, like: torch.Tensor, head_dim: int, dropout_p: float) -> str:
-    """What a run prints: the kernels its attention uses for tensors like `like` (device and dtype)."""
+def kernels_text(backend: str, like: torch.Tensor, cols: Columns, dropout_p: float) -> str:
+    """What a run prints: the kernels its attention (`cols`) uses for tensors like `like` (device, dtype),
+    after any self-test `auto` runs."""
     from .decode import decode_backend
 
-    return (f"attention kernels: training and prefill {choose_backend(backend, like, head_dim, dropout_p)}"
+    return (f"attention kernels: training and prefill {choose_backend(backend, like, cols.head_dim, dropout_p, cols)}"
             f" (attention_backend: {backend}), decoding {decode_backend(like, 1)}")

@@ -74,5 +74,5 @@ class Attention(nn.Module):
         q, k, v = split_roles(*sources, self.cols)
         keys, values = cache.write(layer, k, v)
         if cache.length == 0:
-            return causal_attention(*sources, self.cols, backend=self.backend, starts=cache.starts)
+            return causal_attention(*sources, self.cols, backend=self.backend, padding=cache.padding)
         return cached_attention(q, keys, values, cache.valid, cache.length)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..kernels.attention import LeftPadding
 from ..parallel.grid import SINGLE, TPGroup
 from ..variants import AttentionLayout
 
@@ -29,7 +30,7 @@ class KVCache:
                                                           for _ in range(cfg.num_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.batch, self.max_len, self.length = batch, max_len, 0
-        self.starts = None  # first real slot of each prompt, when some prompt is left-padded
+        self.padding = None  # the prompts' left padding (LeftPadding), when some prompt has any
         self.real = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens cached per sequence
 
     @property
@@ -52,7 +53,7 @@ class KVCache:
             if bool((host[:, :-1] & ~host[:, 1:]).any()):
                 raise ValueError("prompt padding must be on the left: a real token is followed by padding")
             starts = n - host.sum(1)
-            self.starts = starts.to(valid.device) if bool(starts.any()) else None  # None: plain causal attention
+            self.padding = LeftPadding(starts.to(valid.device)) if bool(starts.any()) else None  # None: causal
         self.valid[:, start:start + n] = valid
         positions = (self.real[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
         self.real = self.real + valid.sum(1)

@@ -18,6 +18,7 @@ from ..checkpoint.deepspeed_format import client_state_of
 from ..checkpoint.engine_state import load_into_engine
 from ..config import Config, ConfigError
 from ..kernels.attention import kernels_text
+from ..model.attention import Attention
 from ..model.pipeline import PipelineLoss
 from ..parallel.grid import ProcessGrid, comm_device
 from . import checkpointing
@@ -210,7 +211,9 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
     engine = build_engine(cfg, grid, ds_config, total_steps=steps)
     checkpointing.use_safe_loader(engine)
     m = cfg.model
-    say(kernels_text(m.attention_backend, next(engine.module.parameters()), m.head_dim, m.attention_dropout))
+    attention = next((mod for mod in engine.module.modules() if isinstance(mod, Attention)), None)
+    if attention is not None:  # a pipeline stage may hold no block
+        say(kernels_text(m.attention_backend, next(engine.module.parameters()), attention.cols, m.attention_dropout))
 
     consumed = resume(engine, cfg, grid, ckpt_dir, say)
     if engine.global_steps:
