@@ -29,11 +29,12 @@ setup(
     ],
     extras_require={
         # megatron-core: an independent reader/writer of the .bin/.idx format for compatibility tests
-        # transformers: the HF export is checked against GPT2LMHeadModel itself; lm-eval: the harness adapter
+        # transformers: the HF exports are checked through transformers itself (the native model needs its 5.24
+        # cache API); lm-eval + accelerate: the harness adapter, and `lm_eval --model hf` on an export
         # triton: the Triton kernels are tested on CPU through its interpreter (TRITON_INTERPRET=1)
-        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12", "transformers>=4.40", "lm-eval>=0.4.2",
-                 "triton>=3.0"],
-        "eval": ["lm-eval>=0.4.2", "transformers>=4.40"],
+        "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12", "transformers>=5.24", "lm-eval>=0.4.2",
+                 "accelerate>=0.26", "triton>=3.0"],
+        "eval": ["lm-eval>=0.4.2", "transformers>=5.24", "accelerate>=0.26"],
         "flash": ["flash-attn>=2.5"],
         "triton": ["triton>=3.0"],  # megaqkv's attention kernels (CUDA); PyTorch paths without it
     },

@@ -1,9 +1,29 @@
-"""Shared by the benchmarks: run a command and measure its wall time and peak memory (process tree)."""
+"""Shared by the benchmarks: run a command and measure its wall time and peak memory (process tree); random
+300M-shaped weights."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import threading
 import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def random_weights(preset: str, positions: int, seed: int):
+    """Consolidated 300M-shaped weights of a preset, every canonical tensor ~ N(0, 0.02) (LayerNorm included)."""
+    from megaqkv.checkpoint.consolidated import Consolidated
+    from megaqkv.config import load_model_config
+    from megaqkv.parallel.sharding import canonical_shapes
+
+    cfg = load_model_config(REPO / "model_configs" / f"300M_{preset}.yaml")
+    cfg = dataclasses.replace(cfg, max_position_embeddings=positions, hidden_dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    return Consolidated(cfg, {k: torch.empty(s).normal_(0, 0.02, generator=g)
+                              for k, s in canonical_shapes(cfg).items()})
 
 
 def tree_rss(pid: int) -> int:

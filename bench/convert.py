@@ -57,13 +57,17 @@ def bench_300m(work: Path) -> None:
                                                             str(ds), "--output", str(work / "cw")]),
              ("consolidated → DeepSpeed PP=2 (with optimizer)", ["--to", "deepspeed", "--pp", "2", "--input",
                                                                 str(work / "c"), "--output", str(work / "ds_pp2")]),
-             ("consolidated → Hugging Face GPT-2", ["--to", "hf", "--input", str(work / "c"), "--output",
-                                                   str(work / "hf")]),
+             ("consolidated → Hugging Face native", ["--to", "hf", "--input", str(work / "c"), "--output",
+                                                    str(work / "hf")]),
+             ("consolidated → Hugging Face GPT-2", ["--to", "hf-gpt2", "--input", str(work / "c"), "--output",
+                                                   str(work / "hf_gpt2")]),
              ("consolidated → paper format", ["--to", "paper", "--input", str(work / "c"), "--output",
                                              str(work / "paper" / "final_model.pt")]),
              ("verify: DeepSpeed PP=2 vs weights-only consolidated (both bf16)",
               ["verify", str(work / "ds_pp2"), str(work / "cw")]),
-             ("verify: HF export vs consolidated (both fp32)", ["verify", str(work / "hf"), str(work / "c")])]
+             ("verify: HF native export vs consolidated (both fp32)", ["verify", str(work / "hf"), str(work / "c")]),
+             ("verify: HF GPT-2 export vs consolidated (both fp32)", ["verify", str(work / "hf_gpt2"),
+                                                                      str(work / "c")])]
     print("\n| conversion (300M, CPU) | wall s | peak memory |\n|---|---|---|")
     for name, args in steps:
         wall, peak, out = run_measured(tool + args, ENV)
@@ -83,8 +87,9 @@ def random_state(preset: str) -> Consolidated:
 
 
 def round_trip_table(work: Path) -> None:
-    print("\n| preset | DeepSpeed TP=2×PP=2 → consolidated | consolidated → TP=4 → consolidated | paper | HF export |")
-    print("|---|---|---|---|---|")
+    print("\n| preset | DeepSpeed TP=2×PP=2 → consolidated | consolidated → TP=4 → consolidated | paper | HF native | "
+          "HF GPT-2 |")
+    print("|---|---|---|---|---|---|")
     for preset in PRESETS:
         ck = random_state(preset)
         tokens = torch.randint(0, ck.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -103,12 +108,13 @@ def round_trip_table(work: Path) -> None:
         back = paper.read(paper.write(ck, work / f"{preset}.pt"))
         with torch.no_grad():
             cells.append(f"{(build_model(back)(tokens).logits - ref).abs().max().item():.1e}")
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
 
-        path = hf.export(ck, work / f"{preset}_hf", force=True)
-        with torch.no_grad():
-            theirs = GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True).eval()(tokens).logits
-        cells.append(f"{(theirs - ref).abs().max().item():.1e}")
+        for kind in hf.KINDS:
+            path = hf.export(ck, work / f"{preset}_hf_{kind}", force=True, kind=kind)
+            with torch.no_grad():
+                theirs = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()(tokens).logits
+            cells.append(f"{(theirs - ref).abs().max().item():.1e}")
         print(f"| {preset} | " + " | ".join(cells) + " |", flush=True)
 
 

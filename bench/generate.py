@@ -6,7 +6,7 @@
 
 For each preset, random weights (every canonical tensor ~ N(0, 0.02), LayerNorm gains and biases included, as
 bench/decode.py builds them; 2048 positions) are loaded into megaqkv's `GPT` and exported with the repository's
-own `megaqkv.checkpoint.hf.export` to a transformers `GPT2LMHeadModel` (a duplicated GPT-2: shared roles copied
+own `megaqkv.checkpoint.hf.export(kind="gpt2")` to a transformers `GPT2LMHeadModel` (a duplicated GPT-2: shared roles copied
 into `c_attn`, grouped K/V heads repeated, so its K/V cache is always the full 16-head one), loaded with
 `attn_implementation="sdpa"` in the same dtype. Both generate N = --new-tokens greedy tokens after the same
 prompt of --prompt-tokens random token ids (< 50257), repeated --batch times. Threads: torch's default
@@ -53,21 +53,13 @@ sys.path.insert(0, str(REPO))
 from megaqkv.checkpoint import hf  # noqa: E402
 from megaqkv.checkpoint.consolidated import Consolidated  # noqa: E402
 from megaqkv.checkpoint.loading import build_model  # noqa: E402
-from megaqkv.config import load_model_config  # noqa: E402
 from megaqkv.model.generation import Sampling, generate  # noqa: E402
-from megaqkv.parallel.sharding import canonical_shapes  # noqa: E402
 from megaqkv.variants import paper_name  # noqa: E402
+
+from common import random_weights  # noqa: E402
 
 VOCAB = 50257  # GPT-2 BPE; the model's 50304 rows past it are padding
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def random_weights(preset: str, positions: int, seed: int) -> Consolidated:
-    cfg = load_model_config(REPO / "model_configs" / f"300M_{preset}.yaml")
-    cfg = dataclasses.replace(cfg, max_position_embeddings=positions, hidden_dropout=0.0)
-    g = torch.Generator().manual_seed(seed)
-    return Consolidated(cfg, {k: torch.empty(s).normal_(0, 0.02, generator=g)
-                              for k, s in canonical_shapes(cfg).items()})
 
 
 def first_difference(a: list[list[int]], b: list[list[int]]) -> int | None:
@@ -151,7 +143,7 @@ def main() -> int:
         ck = random_weights(preset, positions, args.seed)
         name = paper_name(ck.config.sharing, ck.config.num_heads, ck.config.kv_heads)
         with tempfile.TemporaryDirectory() as tmp:
-            hf_dir = hf.export(ck, Path(tmp) / "hf")
+            hf_dir = hf.export(ck, Path(tmp) / "hf", kind="gpt2", tokenizer="none")
             for dt in args.dtypes:
                 r = bench(ck, hf_dir, DTYPES[dt], prompt, args)
                 equal = "yes" if r["diff"] is None else f"no (first differs at {r['diff']})"

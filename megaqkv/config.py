@@ -186,6 +186,9 @@ class DataConfig:
     mode: Literal["packed", "document"] = "packed"  # document: one document per sample, padding masked
     cache_dir: typing.Optional[str] = None  # sample-index cache (default: next to the data)
     source: typing.Optional[str] = None  # the corpus the prefixes come from, for the "missing data" hint
+    # The tokenizer the data was made with (gpt2, a sentencepiece .model, a HF tokenizer.json): checkpoints record
+    # it, and `convert_ckpt.py --to hf` ships it with the model.
+    tokenizer: str = "gpt2"
 
     def validate(self, prefix: str = "data.") -> None:
         for key in ("path", "valid_path"):

@@ -1,6 +1,11 @@
 """tools/convert_ckpt.py: between DeepSpeed training checkpoints, consolidated, the paper's format and HF.
 
     convert_ckpt.py [--from FMT] --to FMT --input PATH --output PATH [--tp N --pp M --dp K] [--weights-only]
+                    [--tokenizer SPEC]
+
+`--to hf` writes the native transformers model (each variant as itself, its cache savings kept),
+`--to hf-gpt2` a GPT2LMHeadModel with shared roles duplicated, for tools that know only GPT-2; both
+with tokenizer, generation config and model card, and both import back (`--from hf`).
     convert_ckpt.py verify PATH_A PATH_B [--tokens 128] [--atol 1e-4]
 
 Every conversion goes through the consolidated form; formats are detected from the input when
@@ -24,10 +29,10 @@ from .checkpoint.loading import FORMATS, build_model, detect, read
 
 def logits_of(path: Path, fmt: str, tokens: torch.Tensor, tag: str | None = None) -> torch.Tensor:
     with torch.no_grad():
-        if fmt == "hf":
-            from transformers import GPT2LMHeadModel
+        if fmt == "hf":  # through transformers itself (the native model is registered by importing megaqkv)
+            from transformers import AutoModelForCausalLM
 
-            model = GPT2LMHeadModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
             return model(tokens).logits
         return build_model(read(path, fmt, tag, with_optimizer=False)).forward(tokens).logits
 
@@ -42,8 +47,8 @@ def convert(args, log=print) -> Path:
         consolidated.save(ck, out, args.force)
     elif args.to == "paper":
         paper.write(ck, out, args.force)
-    elif args.to == "hf":
-        hf.export(ck, out, args.force)
+    elif args.to in ("hf", "hf-gpt2"):
+        hf.export(ck, out, args.force, "native" if args.to == "hf" else "gpt2", args.tokenizer)
     else:
         from .training import materialize
         from .config import FieldError, check_parallel_fits_model
@@ -68,8 +73,7 @@ def verify(args, log=print) -> int:
     a, b = Path(args.a), Path(args.b)
     fa, fb = detect(a), detect(b)
     g = torch.Generator().manual_seed(args.seed)
-    vocab = min(read(p, f, with_optimizer=False).config.vocab_size if f != "hf" else hf.read(p, log=lambda *x: None)
-                .config.vocab_size for p, f in ((a, fa), (b, fb)))
+    vocab = min(read(p, f, with_optimizer=False, log=lambda *x: None).config.vocab_size for p, f in ((a, fa), (b, fb)))
     tokens = torch.randint(0, vocab, (2, args.tokens), generator=g)
     la, lb = logits_of(a, fa, tokens), logits_of(b, fb, tokens)
     if la.shape != lb.shape:
@@ -107,6 +111,8 @@ def main(argv=None) -> int:
         p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                        help="--to deepspeed: the precision training will resume in (default: the source's, or bf16)")
         p.add_argument("--weights-only", action="store_true", help="leave the optimizer state behind")
+        p.add_argument("--tokenizer", help="--to hf/hf-gpt2: the tokenizer to ship (gpt2, a sentencepiece .model, a HF "
+                                           "tokenizer.json, or none; default: the one the checkpoint records, else gpt2)")
         p.add_argument("--force", action="store_true", help="replace an existing output")
         args = p.parse_args(argv)
         runner = convert

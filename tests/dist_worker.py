@@ -227,15 +227,19 @@ def skip_scenario() -> dict:
             "lrs": lrs + [engine.get_lr()[0]]}
 
 
-def random_consolidated(preset: str, seed: int = 0):
-    """Random weights and Adam moments for every canonical tensor (the same on every rank)."""
+def random_consolidated(preset: str, seed: int = 0, **changes):
+    """Random weights and Adam moments for every canonical tensor (the same on every rank). LayerNorm weights
+    near 1 and projections large enough that every role moves the logits far beyond the conversion tests'
+    tolerance (test_convert's mutation test proves it)."""
     from megaqkv.checkpoint.consolidated import Consolidated
     from megaqkv.parallel.sharding import canonical_shapes
 
-    cfg = model_cfg(preset)
+    cfg = model_cfg(preset, **changes)
     g = torch.Generator().manual_seed(seed)
     shapes = canonical_shapes(cfg)
-    rand = lambda: {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
+    norm = lambda k: ".ln_" in k or k.startswith("ln_f")
+    rand = lambda: {k: torch.randn(s, generator=g) * (0.1 if norm(k) else 0.2 if ".attn." in k else 0.05)
+                    + (1.0 if norm(k) and k.endswith("weight") else 0.0) for k, s in shapes.items()}
     ck = Consolidated(cfg, rand(), {"exp_avg": rand(), "exp_avg_sq": {k: v.abs() for k, v in rand().items()}})
     ck.trainer = {"step": 7, "consumed_samples": 56, "skipped_steps": 1, "optimizer_step": 7.0}
     return ck

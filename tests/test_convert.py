@@ -122,11 +122,31 @@ def test_paper_reference_checkpoint_imports(tmp_path, preset):
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_hf_export_logits_equal_ours(tmp_path, preset, capsys):
+def test_random_weights_make_every_role_matter(preset):
+    """The conversion tests compare logits at 1e-5; with these weights a zeroed or swapped attention role in any
+    layer moves them by far more, so a mis-wired conversion cannot pass."""
+    truth = random_consolidated(preset)
+    tokens = tokens_for(truth.config)
+    base = logits(truth, tokens)
+    for layer in range(truth.config.num_layers):
+        roles = sorted(k for k in truth.weights if k.startswith(f"layers.{layer}.attn.") and "out_proj" not in k)
+        # A key-only bias adds q·b to every score of a query: softmax cancels it, no export can get it wrong.
+        mutants = [{name: torch.zeros_like(truth.weights[name])} for name in roles if not name.endswith(".k.bias")]
+        mutants += [{a: truth.weights[b], b: truth.weights[a]} for i, a in enumerate(roles) for b in roles[i + 1:]
+                    if truth.weights[a].shape == truth.weights[b].shape and a.endswith("weight") == b.endswith("weight")]
+        assert mutants
+        for change in mutants:
+            ck = consolidated.Consolidated(truth.config, {**truth.weights, **change})
+            assert (logits(ck, tokens) - base).abs().max().item() > 100 * EXACT, sorted(change)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_hf_gpt2_export_logits_equal_ours(tmp_path, preset, capsys):
     transformers = pytest.importorskip("transformers")
     truth = random_consolidated(preset)
     consolidated.save(truth, tmp_path / "c")
-    assert convert_main(["--to", "hf", "--input", str(tmp_path / "c"), "--output", str(tmp_path / "hf")]) == 0
+    assert convert_main(["--to", "hf-gpt2", "--input", str(tmp_path / "c"), "--output", str(tmp_path / "hf"),
+                         "--tokenizer", "none"]) == 0
     model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
     tokens = tokens_for(truth.config)
     with torch.no_grad():
@@ -237,9 +257,10 @@ def test_resume_after_resharding_continues_training(tmp_path, slim_data):
     against 8 uninterrupted TP=2 steps."""
     pretrain(["--tp=2", "--save", str(tmp_path / "full"), *slim_data])
     pretrain(["--tp=2", "--save", str(tmp_path / "a"), *slim_data, "--set", "training.exit_after_steps=4"])
-    subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "--to", "deepspeed", "--pp", "2",
-                    "--input", str(tmp_path / "a"), "--output", str(tmp_path / "pp2")], env=cpu_env(), check=True,
-                   capture_output=True)
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "--to", "deepspeed", "--pp", "2",
+                          "--input", str(tmp_path / "a"), "--output", str(tmp_path / "pp2")], env=cpu_env(),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
     out = pretrain(["--pp=2", "--save", str(tmp_path / "pp2"), *slim_data])
     assert "resumed from" in out and "step 4, 32 samples consumed" in out
     assert convert_main(["--to", "consolidated", "--input", str(tmp_path / "a"), "--output", str(tmp_path / "c")]) == 0

@@ -83,7 +83,8 @@ def test_perplexity_identical_through_every_checkpoint_format(corpus, tmp_path, 
     path, _ = corpus
     ck = random_consolidated("kv")
     formats = {"consolidated": consolidated.save(ck, tmp_path / "c"), "paper": paper.write(ck, tmp_path / "p.pt"),
-               "hf": hf.export(ck, tmp_path / "hf"),
+               "hf": hf.export(ck, tmp_path / "hf", tokenizer="none"),
+               "hf-gpt2": hf.export(ck, tmp_path / "hf-gpt2", kind="gpt2", tokenizer="none"),
                "deepspeed": materialize.write(tmp_path / "c", tmp_path / "ds", tp=1, pp=1, dp=1, precision="fp32")}
     seen = {}
     for fmt, where in formats.items():

@@ -24,11 +24,12 @@ from dist_worker import random_consolidated
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """One tiny Q–K=V model (with optimizer state) as consolidated, paper and HF checkpoints."""
+    """One tiny Q–K=V model (with optimizer state) as consolidated, paper and HF (GPT-2 and native) checkpoints."""
     root = tmp_path_factory.mktemp("sources")
     ck = random_consolidated("kv")
     return {"consolidated": consolidated.save(ck, root / "c"), "paper": paper.write(ck, root / "p.pt"),
-            "hf": hf.export(ck, root / "hf")}
+            "hf": hf.export(ck, root / "hf", kind="gpt2", tokenizer="none"),
+            "hf-native": hf.export(ck, root / "native", tokenizer="none")}
 
 
 def fails(capsys, argv, *words, runner=convert_main):
@@ -191,7 +192,7 @@ def edit_config(src, **changes):
     (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors or pytorch_model.bin"),
     (lambda d: edit_config(d, n_embd=None), "config.json: missing key 'n_embd'"),
     (lambda d: edit_config(d, n_head=3), "config.json: model.hidden_size: 128 is not divisible by num_heads=3"),
-    (lambda d: edit_config(d, model_type="llama"), "config.json: model_type 'llama'; only GPT-2 models import"),
+    (lambda d: edit_config(d, model_type="llama"), "config.json: model_type 'llama'; megaqkv imports its own"),
     (lambda d: edit_config(d, n_layer=3), "the weights have no 'h.2.ln_1.weight'"),
     (lambda d: edit_config(d, n_positions=64), "wpe.weight has shape (256, 128), the config"),
 ])
@@ -201,14 +202,26 @@ def test_not_an_hf_model(tmp_path, sources, capsys, damage, words):
     fails(capsys, ["--from", "hf", *to_consolidated(src, tmp_path / "out")], f"error: {src}", words)
 
 
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: edit_config(d, num_hidden_layers=3), ("tensors do not match the model config", "missing ['layers.2.")),
+    (lambda d: edit_config(d, hidden_size=None), ("config.json: missing key 'hidden_size'",)),
+    (lambda d: edit_config(d, sharing="qk", num_key_value_heads=4), ("model.num_kv_heads: sharing 'qk' ties",)),
+    (lambda d: edit_config(d, sharing="none"), ("tensors do not match the model config", "missing ['layers.0.attn.k")),
+])
+def test_damaged_native_hf_model(tmp_path, sources, capsys, damage, words):
+    src = shutil.copytree(sources["hf-native"], tmp_path / "native")
+    damage(src)
+    fails(capsys, to_consolidated(src, tmp_path / "out"), f"error: {src}", *words)
+
+
 # ----------------------------------------------------------------------------- output problems
 
 
-@pytest.mark.parametrize("to", ["consolidated", "paper", "hf"])
+@pytest.mark.parametrize("to", ["consolidated", "paper", "hf", "hf-gpt2"])
 def test_output_below_a_regular_file(tmp_path, sources, capsys, to):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "out"
-    fails(capsys, ["--to", to, "--input", str(sources["consolidated"]), "--output", str(out)],
+    fails(capsys, ["--to", to, "--input", str(sources["consolidated"]), "--output", str(out), "--tokenizer", "none"],
           f"error: {out}: cannot write the output (", "check the location")
 
 
@@ -242,11 +255,12 @@ TORCH_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpecte
     ("consolidated", "megaqkv.checkpoint.consolidated.save_file", SAFETENSORS_FULL),
     ("consolidated", "megaqkv.checkpoint.consolidated.save_file", OSError(28, "No space left on device")),
     ("paper", "torch.save", TORCH_FULL),
-    ("hf", "transformers.GPT2LMHeadModel.save_pretrained", SAFETENSORS_FULL)])
+    ("hf", "megaqkv.checkpoint.hf.save_file", SAFETENSORS_FULL),
+    ("hf-gpt2", "transformers.GPT2LMHeadModel.save_pretrained", SAFETENSORS_FULL)])
 def test_failure_midway_leaves_no_output(tmp_path, sources, capsys, monkeypatch, to, writer, error):
     monkeypatch.setattr(writer, disk_full(error))
     out = tmp_path / "out"
-    fails(capsys, ["--to", to, "--input", str(sources["consolidated"]), "--output", str(out)],
+    fails(capsys, ["--to", to, "--input", str(sources["consolidated"]), "--output", str(out), "--tokenizer", "none"],
           f"{out}: cannot write the output (", str(error.args[-1]).split(" (")[0])
     assert os.listdir(tmp_path) == []  # neither the output nor its temporary sibling
 

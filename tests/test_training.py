@@ -46,6 +46,14 @@ def test_loss_falls_and_resume_is_exact(tmp_path, slim_data, layout):
     assert "finished at step 8/8" in full and "TensorBoard logs in" in full
     train_rows, valid_rows = metrics(tmp_path / "full")
     assert train_rows[-1][1] < train_rows[0][1] - 1.0 and valid_rows[-1][1] < valid_rows[0][1] - 1.0
+    if layout == "--tp=2":  # the HF export's model card states what the checkpoint records of its training
+        from megaqkv.convert import main as convert_main
+
+        assert convert_main(["--to", "hf", "--weights-only", "--input", str(tmp_path / "full"), "--output",
+                             str(tmp_path / "hf")]) == 0
+        card = (tmp_path / "hf" / "README.md").read_text()
+        assert "| training tokens | 4,096 |" in card and "| tokenizer | gpt2 |" in card  # 8 steps × 8 × 64
+        assert f"| final validation loss | {valid_rows[-1][1]:.4f} " in card and "step 8, 2,048 tokens" in card
     first = train([layout, "--save", str(tmp_path / "cut"), *slim_data, *steps, "--set", "training.exit_after_steps=3"])
     assert "exit_after_steps=3 at step 3/8" in first
     second = train([layout, "--save", str(tmp_path / "cut"), *slim_data, *steps])

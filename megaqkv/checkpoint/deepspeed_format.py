@@ -89,10 +89,14 @@ def read(path: str | Path, tag: str | None = None, with_optimizer: bool = True, 
             plain = plain_name(f"{idx}.{key}", cfg)
             weights.update(canonical_from_shards(plain, [s[key] for s in states], cfg))
     ck = Consolidated(cfg, weights, source=f"deepspeed:{tag_dir}")
+    training = client["config"].get("training", {})
     ck.trainer = {"step": client.get("global_steps", client.get("iteration", 0)),
                   "consumed_samples": client.get("consumed_samples", 0),
                   "skipped_steps": client.get("skipped_steps", 0),
-                  "precision": client["config"].get("training", {}).get("precision")}
+                  "precision": training.get("precision"),
+                  "seq_length": training.get("seq_length"),
+                  "tokenizer": client["config"].get("data", {}).get("tokenizer"),
+                  "valid": client.get("valid")}
     if with_optimizer and any(tag_dir.glob("*optim_states.pt")):
         _read_optimizer(tag_dir, client, cfg, tp, ck, log)
     return ck

@@ -1,22 +1,32 @@
-"""Hugging Face `GPT2LMHeadModel` export and import.
+"""Hugging Face model directories: the native megaqkv model (`--to hf`, the default) and the duplicated
+GPT-2 (`--to hf-gpt2`, `hf_gpt2.py`), both shipped with tokenizer, generation config and model card.
 
-Every variant is a GPT-2 with some weights duplicated: shared roles are copied into GPT-2's fused
-`c_attn` (Q=K copies the query into the key block, K=V the key into the value block) and grouped
-K/V heads are repeated for the query heads that read them. With `activation_function: gelu` (exact
-erf, as ours) the exported model gives our logits and works offline with `from_pretrained`.
-GPT-2's Conv1D stores weights as [in, out], the transpose of ours. Importing takes a GPT-2-shaped
-model into the `qkv` preset.
+The native export is megaqkv's consolidated tensors under transformers' names (`model.` + ours, tied
+head left out), a `MegaQKVConfig` with `auto_map`, and the standalone modeling files of
+`megaqkv/hf/`, so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` needs no megaqkv.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from ..config import ConfigError, ModelConfig, model_config_from_dict
+from ..config import ConfigError, model_config_from_dict
+from . import hf_assets, hf_gpt2
 from .consolidated import CheckpointError, Consolidated, LazyTensors, writing
 from .paper import torch_load
+
+KINDS = ("native", "gpt2")
+# megaqkv ModelConfig field <- MegaQKVConfig field
+_FIELDS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+           "num_kv_heads": "num_key_value_heads", "sharing": "sharing", "ffn_hidden_size": "intermediate_size",
+           "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings",
+           "embedding_dropout": "embedding_dropout", "attention_dropout": "attention_dropout",
+           "hidden_dropout": "hidden_dropout", "layernorm_eps": "layer_norm_eps", "bias": "bias",
+           "tie_embeddings": "tie_word_embeddings", "init_std": "initializer_range"}
 
 
 def is_hf(path: Path) -> bool:
@@ -24,60 +34,49 @@ def is_hf(path: Path) -> bool:
         (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file())
 
 
-def _expand(t: torch.Tensor, groups: int, heads: int, head_dim: int) -> torch.Tensor:
-    """K/V rows of `groups` heads -> one copy per query head (head i reads group i // (heads/groups))."""
-    return t.reshape(groups, head_dim, *t.shape[1:]).repeat_interleave(heads // groups, dim=0).reshape(
-        heads * head_dim, *t.shape[1:])
-
-
-def _qkv(w: dict, i: int, cfg: ModelConfig, kind: str) -> torch.Tensor:
-    """GPT-2's fused [Q; K; V] (all heads) of layer i, from our per-role tensors."""
-    a = lambda role: w[f"layers.{i}.attn.{role}.{kind}"]
-    n, g, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-    q, k, v = {"none": ("q", "k", "v"), "kv": ("q", "kv", "kv"), "qk": ("qk", "qk", "v"),
-               "qkv": ("qkv", "qkv", "qkv")}[cfg.sharing]
-    return torch.cat([a(q), _expand(a(k), g, n, d), _expand(a(v), g, n, d)])
-
-
-def export(ck: Consolidated, path: str | Path, force: bool = False) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg, w = ck.config, ck.weights
+def export(ck: Consolidated, path: str | Path, force: bool = False, kind: str = "native",
+           tokenizer: str | None = None) -> Path:
+    """Writes the HF model directory; `tokenizer` (a megaqkv spec) defaults to the one the checkpoint records."""
     path = Path(path)
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
-                        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.ffn_hidden_size,
-                        activation_function="gelu", resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.embedding_dropout,
-                        attn_pdrop=cfg.attention_dropout, layer_norm_epsilon=cfg.layernorm_eps,
-                        tie_word_embeddings=cfg.tie_embeddings,
-                        # GPT-2's <|endoftext|> when the vocabulary has it (other tokenizers: set it after export)
-                        bos_token_id=50256 if cfg.vocab_size > 50256 else None,
-                        eos_token_id=50256 if cfg.vocab_size > 50256 else None)
-    zeros = lambda n: torch.zeros(n, dtype=w["wte.weight"].dtype)
-    bias = lambda name, n: w[name] if cfg.bias else zeros(n)
-    sd = {"transformer.wte.weight": w["wte.weight"], "transformer.wpe.weight": w["wpe.weight"],
-          "transformer.ln_f.weight": w["ln_f.weight"], "transformer.ln_f.bias": w["ln_f.bias"],
-          "lm_head.weight": w["wte.weight"] if cfg.tie_embeddings else w["lm_head.weight"]}
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    for i in range(cfg.num_layers):
-        p, t = f"layers.{i}.", f"transformer.h.{i}."
-        sd.update({t + "ln_1.weight": w[p + "ln_1.weight"], t + "ln_1.bias": w[p + "ln_1.bias"],
-                   t + "ln_2.weight": w[p + "ln_2.weight"], t + "ln_2.bias": w[p + "ln_2.bias"],
-                   t + "attn.c_attn.weight": _qkv(w, i, cfg, "weight").t(),
-                   t + "attn.c_attn.bias": _qkv(w, i, cfg, "bias") if cfg.bias else zeros(3 * h),
-                   t + "attn.c_proj.weight": w[p + "attn.out_proj.weight"].t(),
-                   t + "attn.c_proj.bias": bias(p + "attn.out_proj.bias", h),
-                   t + "mlp.c_fc.weight": w[p + "mlp.fc_in.weight"].t(), t + "mlp.c_fc.bias": bias(p + "mlp.fc_in.bias", f),
-                   t + "mlp.c_proj.weight": w[p + "mlp.fc_out.weight"].t(),
-                   t + "mlp.c_proj.bias": bias(p + "mlp.fc_out.bias", h)})
-    model = GPT2LMHeadModel(hf_cfg).to(w["wte.weight"].dtype)
-    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=False)
-    missing = [m for m in missing if not m.endswith((".attn.bias", ".attn.masked_bias"))]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: export does not match GPT2LMHeadModel (missing {missing}, unexpected "
-                              f"{unexpected})")
+    tok = hf_assets.tokenizer_for(ck, tokenizer, path)
     with writing(path, force) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if kind == "native":
+            _write_native(ck, tmp, tok)
+        else:
+            hf_gpt2.write(ck, tmp, tok.eod if tok else None)
+        hf_assets.write(ck, tmp, tok, kind)
     return path
+
+
+def native_config(ck: Consolidated, eod: int | None):
+    from ..hf import AUTO_MAP
+    from ..hf.configuration_megaqkv import MegaQKVConfig
+
+    cfg = ck.config
+    hc = MegaQKVConfig(**{theirs: getattr(cfg, ours) for ours, theirs in _FIELDS.items()},
+                       bos_token_id=eod, eos_token_id=eod, pad_token_id=eod)
+    hc.num_key_value_heads = cfg.kv_heads
+    hc.auto_map = AUTO_MAP
+    hc.architectures = ["MegaQKVForCausalLM"]
+    hc.dtype = str(next(iter(ck.weights.values())).dtype).removeprefix("torch.")
+    return hc
+
+
+def _write_native(ck: Consolidated, out: Path, tok) -> None:
+    from ..hf import HERE, MODEL_FILES
+    from ..hf.modeling_megaqkv import MegaQKVForCausalLM
+
+    hc = native_config(ck, tok.eod if tok else None)
+    state = {("model." + k if k != "lm_head.weight" else k): v.contiguous() for k, v in ck.weights.items()}
+    with torch.device("meta"):
+        expected = set(MegaQKVForCausalLM(hc).state_dict()) - ({"lm_head.weight"} if hc.tie_word_embeddings else set())
+    if expected != set(state):
+        raise CheckpointError(f"{out}: the weights do not fit the native model (missing "
+                              f"{sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]})")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hc.save_pretrained(str(out))
+    for name in MODEL_FILES:
+        shutil.copyfile(HERE / name, out / name)
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -105,55 +104,30 @@ def _hf_config(path: Path) -> dict:
 
 
 def read(path: str | Path, log=print) -> Consolidated:
-    """A GPT-2-shaped HF model -> the `qkv` preset (separate Q, K, V)."""
+    """A native megaqkv export (any variant) or a GPT-2-shaped model (the `qkv` preset) -> consolidated."""
     path = Path(path)
     hc = _hf_config(path)
-    if hc.get("model_type") != "gpt2":
-        raise CheckpointError(f"{path}/config.json: model_type {hc.get('model_type')!r}; only GPT-2 models import")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if hc.get(flag):
-            raise CheckpointError(f"{path}/config.json: {flag} is set; our attention has no such variation")
-    if hc.get("activation_function", "gelu_new") != "gelu":
-        log(f"warning: {path} uses activation {hc.get('activation_function', 'gelu_new')!r}; megaqkv uses exact "
-            "GELU, so its logits will differ slightly from the original's")
-    try:
-        h = hc["n_embd"]
-        cfg = model_config_from_dict({
-            "num_layers": hc["n_layer"], "hidden_size": h, "num_heads": hc["n_head"],
-            "ffn_hidden_size": hc.get("n_inner") or 4 * h, "vocab_size": hc["vocab_size"],
-            "max_position_embeddings": hc["n_positions"], "sharing": "none",
-            "hidden_dropout": hc.get("resid_pdrop", 0.1), "attention_dropout": hc.get("attn_pdrop", 0.0),
-            "embedding_dropout": hc.get("embd_pdrop", 0.0), "layernorm_eps": hc.get("layer_norm_epsilon", 1e-5),
-            "tie_embeddings": hc.get("tie_word_embeddings", True)}, source=f"{path}/config.json")
-    except KeyError as exc:
-        raise CheckpointError(f"{path}/config.json: missing key {exc}") from None
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    sd = {k.removeprefix("transformer."): v for k, v in _load_state(path).items()}
-    try:
-        w = _weights(sd, cfg)
-    except KeyError as exc:
-        raise CheckpointError(f"{path}: the weights have no {exc}, which a {cfg.num_layers}-layer GPT-2 "
-                              "needs") from None
-    out = Consolidated(cfg, w, source=f"hf:{path}")
+    if hc.get("model_type") == "gpt2":
+        out = hf_gpt2.read(path, hc, _load_state(path), log)
+    elif hc.get("model_type") == "megaqkv":
+        out = _read_native(path, hc)
+    else:
+        raise CheckpointError(f"{path}/config.json: model_type {hc.get('model_type')!r}; megaqkv imports its own "
+                              "exports (megaqkv) and GPT-2 models (gpt2)")
     out.check(str(path))
     return out
 
 
-def _weights(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT-2's tensors (without `transformer.`) -> canonical `qkv` tensors."""
-    h = cfg.hidden_size
-    w = {"wte.weight": sd["wte.weight"], "wpe.weight": sd["wpe.weight"], "ln_f.weight": sd["ln_f.weight"],
-         "ln_f.bias": sd["ln_f.bias"]}
-    if not cfg.tie_embeddings:
-        w["lm_head.weight"] = sd["lm_head.weight"]
-    for i in range(cfg.num_layers):
-        p, t = f"layers.{i}.", f"h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            w.update({p + f"{ln}.weight": sd[t + f"{ln}.weight"], p + f"{ln}.bias": sd[t + f"{ln}.bias"]})
-        for role, wt, b in zip("qkv", sd[t + "attn.c_attn.weight"].t().split(h), sd[t + "attn.c_attn.bias"].split(h)):
-            w.update({p + f"attn.{role}.weight": wt.contiguous(), p + f"attn.{role}.bias": b.clone()})
-        for ours, theirs in (("attn.out_proj", "attn.c_proj"), ("mlp.fc_in", "mlp.c_fc"), ("mlp.fc_out", "mlp.c_proj")):
-            w.update({p + f"{ours}.weight": sd[t + f"{theirs}.weight"].t().contiguous(),
-                      p + f"{ours}.bias": sd[t + f"{theirs}.bias"]})
-    return w
+def _read_native(path: Path, hc: dict) -> Consolidated:
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size") if k not in hc]
+    if missing:
+        raise CheckpointError(f"{path}/config.json: missing key {missing[0]!r}")
+    try:
+        cfg = model_config_from_dict({ours: hc[theirs] for ours, theirs in _FIELDS.items() if theirs in hc},
+                                     source=f"{path}/config.json")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    weights = {k.removeprefix("model."): v for k, v in _load_state(path).items()}
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # some savers write the tied head too
+    return Consolidated(cfg, weights, source=f"hf:{path}")

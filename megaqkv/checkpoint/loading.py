@@ -12,7 +12,7 @@ from ..parallel.sharding import shard_from_canonical
 from . import consolidated, deepspeed_format, hf, paper
 from .consolidated import CheckpointError, Consolidated
 
-FORMATS = ("deepspeed", "consolidated", "paper", "hf")
+FORMATS = ("deepspeed", "consolidated", "paper", "hf", "hf-gpt2")  # hf: the native model; either HF kind reads
 
 
 def detect(path: Path) -> str:

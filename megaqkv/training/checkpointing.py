@@ -168,10 +168,11 @@ def layout_of(grid) -> dict:
     return {"tp": grid.tp_size, "pp": grid.pp_size, "dp": grid.dp_size}
 
 
-def client_state(cfg, grid, step: int, consumed: int, universal_info: dict) -> dict:
-    """What our checkpoints add to DeepSpeed's: position, RNG, the resolved config (plain data), layout."""
+def client_state(cfg, grid, step: int, consumed: int, universal_info: dict, valid: dict | None = None) -> dict:
+    """What our checkpoints add to DeepSpeed's: position, RNG, the resolved config (plain data), layout, and the
+    newest validation result ({step, loss, tokens}) for the model card of an export."""
     return {"iteration": step, "consumed_samples": consumed, "rng": rng_state(grid.tp.rng), "config": cfg.to_dict(),
-            "layout": layout_of(grid), "universal_checkpoint_info": universal_info}
+            "layout": layout_of(grid), "universal_checkpoint_info": universal_info, "valid": valid}
 
 
 def universal_checkpoint_info(cfg, tp: int) -> dict:

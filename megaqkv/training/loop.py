@@ -246,7 +246,8 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
     def save(step: int) -> None:
         if ckpt_dir is None:
             return
-        client = checkpointing.client_state(cfg, grid, step, consumed, universal_info)
+        client = checkpointing.client_state(cfg, grid, step, consumed, universal_info,
+                                            history["valid"][-1] if history["valid"] else None)
         path = checkpointing.save(engine, ckpt_dir, step, client, cfg.checkpoint.keep_last, last_loss)
         say(f"saved checkpoint {path}")
 
