@@ -10,7 +10,10 @@ num_kv_heads heads) and `--to hf-gpt2` (GPT2LMHeadModel: shared roles copied, KV
 run is a process of its own, so its peak memory is its own: `AutoModelForCausalLM` (`attn_implementation=
 "sdpa"`, fp32) generates N = --new-tokens greedy tokens after the same prompt of --prompt-tokens random ids,
 --batch times, with transformers' default dynamic cache. Each export runs --repeats times, the two
-interleaved so that drift in the machine's speed hits both alike; the table shows medians.
+interleaved so that drift in the machine's speed hits both alike; the table shows medians. The dynamic
+cache grows by `torch.cat` every step, so on CPU decode speed depends on whether glibc hands the freed
+cache back to the kernel (fresh pages faulted in every step) or reuses it; `--malloc-fixed` fixes its
+thresholds so that it reuses.
 
 Timing: a logits processor stamps the clock at every step (the first stamp comes after the prompt's
 forward). prefill s = first stamp - the call; decode tok/s = batch / the median interval between stamps
@@ -105,6 +108,9 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="runs of each export (medians are reported)")
+    p.add_argument("--malloc-fixed", action="store_true",
+                   help="run the children with glibc's mmap/trim thresholds fixed high, so that transformers' "
+                        "per-step torch.cat of the cache reuses freed memory instead of faulting in fresh pages")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -123,11 +129,14 @@ def main() -> int:
     positions = max(2048, args.prompt_tokens + args.new_tokens)
     print(f"300M shape (20 layers, hidden 1024, 16 heads of 64), random weights, fp32, sdpa; batch {args.batch}, "
           f"prompt {args.prompt_tokens} random tokens, {args.new_tokens} greedy new tokens; "
-          f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); torch "
+          f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}); "
+          f"{'glibc thresholds fixed' if args.malloc_fixed else 'default allocator settings'}; torch "
           f"{torch.__version__}, transformers {transformers.__version__}")
     print("\n| preset | export | HF class | prefill s | decode tok/s (mean) | cache (MiB) | cache formula (MiB) | "
           "peak RSS (GiB) | over the model (GiB) | vs GPT-2 export: tok/s, cache, over the model |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
+                            if args.malloc_fixed else {})}
     started = time.perf_counter()
     for preset in args.presets:
         ck = random_weights(preset, positions, args.seed)
@@ -141,7 +150,7 @@ def main() -> int:
                     cmd = [sys.executable, __file__, "--child", str(path), "--batch", str(args.batch),
                            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                            "--seed", str(args.seed)]
-                    run = subprocess.run(cmd, capture_output=True, text=True)
+                    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if run.returncode:
                         raise SystemExit(f"{preset} {kind} failed:\n{run.stderr[-3000:]}")
                     runs[kind].append(json.loads(run.stdout.strip().splitlines()[-1]))

@@ -193,6 +193,9 @@ class DataConfig:
     def validate(self, prefix: str = "data.") -> None:
         for key in ("path", "valid_path"):
             weighted_prefixes(getattr(self, key), prefix + key)
+        if self.tokenizer != "gpt2" and not self.tokenizer.endswith((".model", ".json")):
+            raise FieldError(prefix + "tokenizer", f"{self.tokenizer!r} is not gpt2, a sentencepiece .model or a HF "
+                                                   "tokenizer.json (the tokenizer tools/preprocess_data.py used)")
         if len(self.split) != 3 or any(r < 0 for r in self.split) or sum(self.split[:1]) <= 0:
             raise FieldError(prefix + "split", f"expected three non-negative ratios (train, valid, test) with a "
                                                f"positive train share, got {self.split}")

@@ -110,6 +110,18 @@ def test_generate_cli_reports_the_cache(tmp_path, capsys):
     assert "=== Alice was" in out and "=== The Queen" in out
     # 2 layers × 1 shared K=V head × 8 dims × 4 bytes = 64 bytes per token slot
     assert "Q-MQA" in out and "(64 bytes per token slot, fp32)" in out
+    # without --tokenizer: the one the training run recorded
+    ck = random_consolidated("qmqa")
+    ck.trainer["tokenizer"] = str(byte_tokenizer(tmp_path))
+    consolidated.save(ck, tmp_path / "recorded")
+    assert generate_main(["--checkpoint", str(tmp_path / "recorded"), "--prompt", "Alice was",
+                          "--max-new-tokens", "5"]) == 0
+    assert "=== Alice was" in capsys.readouterr().out
+    ck.trainer["tokenizer"] = str(tmp_path / "gone.model")
+    consolidated.save(ck, tmp_path / "gone")
+    assert generate_main(["--checkpoint", str(tmp_path / "gone"), "--prompt", "Alice was"]) == 2
+    assert f"made with tokenizer {tmp_path / 'gone.model'}, which is not here; pass --tokenizer" in \
+        capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- lm-eval

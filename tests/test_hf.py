@@ -73,6 +73,18 @@ def test_native_model_is_megaqkv_without_duplication(exports, preset):
     assert back.config == truth.config and all(torch.equal(back.weights[k], truth.weights[k]) for k in truth.weights)
 
 
+def test_untied_head_without_biases(tmp_path):
+    truth = random_consolidated("qgqa4", tie_embeddings=False, bias=False)
+    hf.export(truth, tmp_path / "hf", tokenizer="none")
+    model = load(tmp_path / "hf")
+    assert sum(p.numel() for p in model.parameters()) == total_parameters(truth.config)
+    tokens = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert (build_model(truth)(tokens).logits - model(tokens).logits).abs().max().item() <= EXACT
+    back = hf.read(tmp_path / "hf")
+    assert all(torch.equal(back.weights[k], truth.weights[k]) for k in truth.weights)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_greedy_generate_equals_megaqkv_and_the_cache_holds_the_formula(exports, preset):
     truth = random_consolidated(preset)
@@ -224,7 +236,7 @@ def test_exported_tokenizers_encode_as_megaqkv(tmp_path):
             ids = theirs(sample, add_special_tokens=False)["input_ids"]
             assert ids == ours.encode_batch([sample])[0], (spec, sample[:40])
             assert theirs.decode(ids) == ours.decode(ids)
-        assert theirs.eos_token_id == ours.eod
+        assert theirs.eos_token_id == theirs.pad_token_id == ours.eod and theirs.padding_side == "left"
 
 
 def test_tokenizer_errors_name_what_to_do(tmp_path, capsys):

@@ -55,7 +55,6 @@ def native_config(ck: Consolidated, eod: int | None):
     cfg = ck.config
     hc = MegaQKVConfig(**{theirs: getattr(cfg, ours) for ours, theirs in _FIELDS.items()},
                        bos_token_id=eod, eos_token_id=eod, pad_token_id=eod)
-    hc.num_key_value_heads = cfg.kv_heads
     hc.auto_map = AUTO_MAP
     hc.architectures = ["MegaQKVForCausalLM"]
     hc.dtype = str(next(iter(ck.weights.values())).dtype).removeprefix("torch.")

@@ -39,15 +39,16 @@ def hf_tokenizer(tok: Tokenizer, max_length: int):
     token for a tokenizer.json, whose own encoder matches them."""
     from transformers import PreTrainedTokenizerFast
 
-    common = {"model_max_length": max_length, "split_special_tokens": True}
+    # Padding with the end-of-document token on the left: batched prompts ready for generate().
+    common = {"model_max_length": max_length, "split_special_tokens": True, "padding_side": "left"}
     if isinstance(tok, SentencePieceTokenizer):
         from ..hf.tokenization_megaqkv import MegaQKVSentencePieceTokenizer
 
-        return MegaQKVSentencePieceTokenizer(tok.spec, **common)
+        return MegaQKVSentencePieceTokenizer(tok.spec, pad_token=tok.sp.id_to_piece(tok.eod), **common)
     if isinstance(tok, HFTokenizer):
         eod = tok.tok.id_to_token(tok.eod)
-        return PreTrainedTokenizerFast(tokenizer_file=tok.spec, eos_token=eod, bos_token=eod,
-                                       model_max_length=max_length)
+        return PreTrainedTokenizerFast(tokenizer_file=tok.spec, eos_token=eod, bos_token=eod, pad_token=eod,
+                                       model_max_length=max_length, padding_side="left")
     from tokenizers import Tokenizer as Pipeline, decoders, models, pre_tokenizers
 
     bpe = Pipeline(models.BPE.from_file(str(GPT2_DIR / "encoder.json"), str(GPT2_DIR / "vocab.bpe")))
@@ -55,7 +56,8 @@ def hf_tokenizer(tok: Tokenizer, max_length: int):
     bpe.decoder = decoders.ByteLevel()
     eod = "<|endoftext|>"
     bpe.add_special_tokens([eod])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eod, bos_token=eod, unk_token=eod, **common)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eod, bos_token=eod, unk_token=eod, pad_token=eod,
+                                   **common)
 
 
 def write(ck: Consolidated, out: Path, tok: Tokenizer | None, kind: str) -> None:

@@ -26,10 +26,11 @@ def _expand(t: torch.Tensor, groups: int, heads: int, head_dim: int) -> torch.Te
 
 def _qkv(w: dict, i: int, cfg: ModelConfig, kind: str) -> torch.Tensor:
     """GPT-2's fused [Q; K; V] (all heads) of layer i, from our per-role tensors."""
+    from ..hf.configuration_megaqkv import ROLES
+
     a = lambda role: w[f"layers.{i}.attn.{role}.{kind}"]
     n, g, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-    q, k, v = {"none": ("q", "k", "v"), "kv": ("q", "kv", "kv"), "qk": ("qk", "qk", "v"),
-               "qkv": ("qkv", "qkv", "qkv")}[cfg.sharing]
+    q, k, v = ROLES[cfg.sharing]
     return torch.cat([a(q), _expand(a(k), g, n, d), _expand(a(v), g, n, d)])
 
 

@@ -46,7 +46,17 @@ def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["deepspeed", "consolidated", "paper", "hf"], help="default: detected")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tokenizer", default="gpt2", help="gpt2, a sentencepiece .model or a HF tokenizer.json")
+    p.add_argument("--tokenizer", help="gpt2, a sentencepiece .model or a HF tokenizer.json (default: the one the "
+                                       "checkpoint records, else gpt2)")
+
+
+def _tokenizer_spec(args, ck) -> str:
+    """--tokenizer, else what the training run recorded (data.tokenizer), else GPT-2 BPE."""
+    recorded = (ck.trainer or {}).get("tokenizer")
+    if args.tokenizer is None and recorded and recorded != "gpt2" and not Path(recorded).is_file():
+        raise ValueError(f"the checkpoint was trained on data made with tokenizer {recorded}, which is not here; "
+                         "pass --tokenizer with its path")
+    return args.tokenizer or recorded or "gpt2"
 
 
 def evaluate_main(argv=None) -> int:
@@ -77,6 +87,7 @@ def evaluate_main(argv=None) -> int:
         from ..data.tokenizers import build_tokenizer
 
         model, ck = load_model(args.checkpoint, args.format, device=args.device, dtype=DTYPES[args.dtype], log=say)
+        args.tokenizer = _tokenizer_spec(args, ck)
         results = {"checkpoint": str(args.checkpoint), "model": variant_text(ck.config), "dtype": args.dtype}
         if args.data:
             results["perplexity"] = _perplexity(model, args, build_tokenizer(args.tokenizer).eod, say)
@@ -174,7 +185,7 @@ def generate_main(argv=None) -> int:
         path = Path(args.checkpoint)
         ck = read(path, args.format or detect(path), with_optimizer=False, log=say)
         model = build_model(ck, grid.tp if grid else SINGLE, args.device, DTYPES[args.dtype])
-        tok = build_tokenizer(args.tokenizer)
+        tok = build_tokenizer(_tokenizer_spec(args, ck))
         say(kernels_text(model.cfg.attention_backend, model.wte.weight, model.layers[0].attn.cols, 0.0))
         result = generate(model, [tok.encode_batch([t])[0] for t in prompts],
                           Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, (tok.eod,), args.seed),

@@ -12,7 +12,9 @@ A variant is the pair (`sharing`, `num_key_value_heads`):
 """
 from transformers import PretrainedConfig
 
-SHARINGS = ("none", "qk", "kv", "qkv")
+# sharing -> the projection that gives the query, the key and the value
+ROLES = {"none": ("q", "k", "v"), "qk": ("qk", "qk", "v"), "kv": ("q", "kv", "kv"), "qkv": ("qkv", "qkv", "qkv")}
+SHARINGS = tuple(ROLES)
 
 
 class MegaQKVConfig(PretrainedConfig):

@@ -23,14 +23,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .configuration_megaqkv import MegaQKVConfig
+from .configuration_megaqkv import ROLES, MegaQKVConfig
 
 if "cache" not in CausalLMOutputWithPast.__dataclass_fields__:
     raise ImportError(f"this megaqkv model needs transformers >= 5.24 (its cache API), found {transformers.__version__}: "
                       "pip install -U transformers")
-
-# sharing -> the projection that gives the query, the key and the value
-ROLES = {"none": ("q", "k", "v"), "qk": ("qk", "qk", "v"), "kv": ("q", "kv", "kv"), "qkv": ("qkv", "qkv", "qkv")}
 
 
 class _OneTensor:
