@@ -8,18 +8,25 @@ __version__ = "0.1.0"
 
 class _RegisterWithTransformers(importlib.abc.MetaPathFinder):
     """Registers megaqkv's model with transformers' Auto classes once transformers is imported, in
-    whichever order the two are imported. Importing transformers' model classes costs seconds, so
-    processes that never import transformers (training) never pay it."""
+    whichever order the two are imported. Registering imports transformers' model classes (about 4 s on
+    CPU); processes that never import transformers (training, the CLIs) never pay it."""
+
+    searching = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != "transformers" or self.searching:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self.searching = True  # the other finders find it; a mere availability probe keeps this finder in place
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.searching = False
         if spec is not None and spec.loader is not None:
             run = spec.loader.exec_module
 
             def exec_then_register(module):
+                if self in sys.meta_path:
+                    sys.meta_path.remove(self)
                 run(module)
                 try:
                     from .hf import register

@@ -187,13 +187,13 @@ class DataConfig:
     cache_dir: typing.Optional[str] = None  # sample-index cache (default: next to the data)
     source: typing.Optional[str] = None  # the corpus the prefixes come from, for the "missing data" hint
     # The tokenizer the data was made with (gpt2, a sentencepiece .model, a HF tokenizer.json): checkpoints record
-    # it, and `convert_ckpt.py --to hf` ships it with the model.
-    tokenizer: str = "gpt2"
+    # it, `convert_ckpt.py --to hf` ships it with the model, evaluate/generate default to it. None: not stated.
+    tokenizer: typing.Optional[str] = None
 
     def validate(self, prefix: str = "data.") -> None:
         for key in ("path", "valid_path"):
             weighted_prefixes(getattr(self, key), prefix + key)
-        if self.tokenizer != "gpt2" and not self.tokenizer.endswith((".model", ".json")):
+        if self.tokenizer not in (None, "gpt2") and not self.tokenizer.endswith((".model", ".json")):
             raise FieldError(prefix + "tokenizer", f"{self.tokenizer!r} is not gpt2, a sentencepiece .model or a HF "
                                                    "tokenizer.json (the tokenizer tools/preprocess_data.py used)")
         if len(self.split) != 3 or any(r < 0 for r in self.split) or sum(self.split[:1]) <= 0:

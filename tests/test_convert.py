@@ -261,6 +261,10 @@ def test_resume_after_resharding_continues_training(tmp_path, slim_data):
                           "--input", str(tmp_path / "a"), "--output", str(tmp_path / "pp2")], env=cpu_env(),
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
+    source = deepspeed_format.read(tmp_path / "a", with_optimizer=False).trainer
+    converted = deepspeed_format.read(tmp_path / "pp2", with_optimizer=False).trainer
+    assert {k: converted[k] for k in ("tokenizer", "seq_length", "valid")} == \
+        {k: source[k] for k in ("tokenizer", "seq_length", "valid")} and source["tokenizer"] == "gpt2"
     out = pretrain(["--pp=2", "--save", str(tmp_path / "pp2"), *slim_data])
     assert "resumed from" in out and "step 4, 32 samples consumed" in out
     assert convert_main(["--to", "consolidated", "--input", str(tmp_path / "a"), "--output", str(tmp_path / "c")]) == 0

@@ -1,7 +1,6 @@
 """The native Hugging Face model (`convert_ckpt.py --to hf`): the same logits and greedy tokens as megaqkv,
 a cache holding what the variant needs and no more, and the ecosystem's own tools (Auto classes, generate,
 beam search, pipeline, lm-eval, remote code in a venv without megaqkv) working on the export."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -135,6 +134,30 @@ def test_beam_search_and_static_cache_agree_with_the_gpt2_export(exports, tmp_pa
     assert torch.equal(native.generate(ids, cache_implementation="static", **greedy), native.generate(ids, **greedy))
 
 
+def test_a_preallocated_static_cache_keeps_one_tensor(exports):
+    """Chunked prefill allocates the static cache before the first forward: the K=V layers still end up holding
+    one buffer, and the tokens are the dynamic cache's."""
+    model = load(exports["kv"])
+    ids, mask = left_padded(PROMPTS)
+    greedy = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, cache_implementation="static", prefill_chunk_size=3, return_dict_in_generate=True,
+                         **greedy)
+    assert torch.equal(out.sequences, model.generate(ids, **greedy))
+    layer = out.cache.layers[0]
+    assert type(layer).__name__ == "SharedKVStaticLayer" and layer.values is layer.keys
+    assert cache_bytes(out.cache) == len(PROMPTS) * layer.max_cache_len * kv_cache_bytes_per_token(
+        random_consolidated("kv").config, 4)
+
+
+def test_registration_survives_an_availability_probe():
+    """Libraries probe for transformers (importlib.util.find_spec) before importing it; the model must still be
+    registered when transformers is imported afterwards."""
+    script = ("import importlib.util, megaqkv; assert importlib.util.find_spec('transformers'); import transformers; "
+              "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; print('megaqkv' in CONFIG_MAPPING)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert run.stdout.strip() == "True", run.stderr[-2000:]
+
+
 def test_past_key_values_continue_a_forward(exports):
     """Manual incremental decoding through `past_key_values=`/`cache=`: the logits of a full forward."""
     model = load(exports["qmqa"])
@@ -168,6 +191,7 @@ def test_loss_and_gradients_for_fine_tuning(exports):
         model = load(exports["qmqa"]).train()
         if checkpointing:
             model.activation_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
         loss = model(tokens, labels=tokens).loss
         loss.backward()
         grads.append(model.model.layers[0].attn.kv.weight.grad.clone())
@@ -218,6 +242,7 @@ def test_exported_tokenizers_encode_as_megaqkv(tmp_path):
     """GPT-2 BPE, a HF tokenizer.json and a sentencepiece model, each exported with a model and loaded by
     AutoTokenizer, give megaqkv's ids — special-token strings inside a text included, as in the training data."""
     import sentencepiece as spm
+    import tokenizers
 
     from megaqkv.data.tokenizers import build_tokenizer
 
@@ -227,13 +252,21 @@ def test_exported_tokenizers_encode_as_megaqkv(tmp_path):
                                    eos_id=2, pad_id=-1, byte_fallback=True, minloglevel=2)
     text = text[:3000]
     samples = [text, "  two spaces, a tab\t, ü 漢字 🙂 and <|endoftext|> or </s> inside", " leading"]
-    for spec, vocab in (("gpt2", 50304), (str(byte_tokenizer(tmp_path)), 1000), (str(tmp_path / "sp.model"), 1000)):
+    templated = tokenizers.Tokenizer.from_file(str(byte_tokenizer(tmp_path)))
+    vocab = {**templated.get_vocab(), "</s>": 257}  # an EOD that is a plain vocabulary entry, and a BOS template
+    plain = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    plain.pre_tokenizer, plain.decoder = templated.pre_tokenizer, templated.decoder
+    plain.post_processor = tokenizers.processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 257)])
+    plain.save(str(tmp_path / "templated.json"))
+    for spec, vocab in (("gpt2", 50304), (str(byte_tokenizer(tmp_path)), 1000), (str(tmp_path / "sp.model"), 1000),
+                        (str(tmp_path / "templated.json"), 1000)):
         out = tmp_path / f"export_{len(os.listdir(tmp_path))}"
         hf.export(random_consolidated("kv", vocab_size=vocab), out, tokenizer=spec)
         theirs = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
         ours = build_tokenizer(spec)
+        assert hf.read(out).trainer["tokenizer"] in (spec, str(out / "tokenizer.json"), str(out / "tokenizer.model"))
         for sample in samples:
-            ids = theirs(sample, add_special_tokens=False)["input_ids"]
+            ids = theirs(sample)["input_ids"]  # with the default add_special_tokens=True: nothing is added
             assert ids == ours.encode_batch([sample])[0], (spec, sample[:40])
             assert theirs.decode(ids) == ours.decode(ids)
         assert theirs.eos_token_id == theirs.pad_token_id == ours.eod and theirs.padding_side == "left"
@@ -241,9 +274,13 @@ def test_exported_tokenizers_encode_as_megaqkv(tmp_path):
 
 def test_tokenizer_errors_name_what_to_do(tmp_path, capsys):
     consolidated.save(random_consolidated("kv"), tmp_path / "c")
+    (tmp_path / "junk.model").write_bytes(b"\x00not a sentencepiece model")
+    (tmp_path / "junk.json").write_text('{"model": {"type": "BPE"')
     for extra, words in (([], "does not record its tokenizer and its vocabulary (1000) is smaller than GPT-2's"),
                          (["--tokenizer", "gpt2"], "50257 tokens do not fit the model's vocabulary (1000)"),
-                         (["--tokenizer", str(tmp_path / "missing.model")], "no such file")):
+                         (["--tokenizer", str(tmp_path / "missing.model")], "no such file"),
+                         (["--tokenizer", str(tmp_path / "junk.model")], f"--tokenizer, {tmp_path / 'junk.model'}: "),
+                         (["--tokenizer", str(tmp_path / "junk.json")], f"--tokenizer, {tmp_path / 'junk.json'}: ")):
         assert convert_main(["--to", "hf", "--input", str(tmp_path / "c"), "--output", str(tmp_path / "x"),
                              *extra]) == 2
         assert words in capsys.readouterr().err

@@ -36,15 +36,27 @@ def is_hf(path: Path) -> bool:
 
 def export(ck: Consolidated, path: str | Path, force: bool = False, kind: str = "native",
            tokenizer: str | None = None) -> Path:
-    """Writes the HF model directory; `tokenizer` (a megaqkv spec) defaults to the one the checkpoint records."""
+    """Writes the HF model directory; `tokenizer` (a megaqkv spec) defaults to the one the checkpoint records.
+    Everything is built and checked first, so that only writing happens inside `writing`."""
     path = Path(path)
     tok = hf_assets.tokenizer_for(ck, tokenizer, path)
+    assets = hf_assets.prepare(ck, tok, kind)
+    eod = tok.eod if tok else None
+    if kind == "native":
+        hc, state = _native(ck, eod, path)
+    else:
+        model = hf_gpt2.model(ck, eod, path)
     with writing(path, force) as tmp:
         if kind == "native":
-            _write_native(ck, tmp, tok)
+            from ..hf import HERE, MODEL_FILES
+
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            hc.save_pretrained(str(tmp))
+            for name in MODEL_FILES:
+                shutil.copyfile(HERE / name, tmp / name)
         else:
-            hf_gpt2.write(ck, tmp, tok.eod if tok else None)
-        hf_assets.write(ck, tmp, tok, kind)
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        assets.save(tmp)
     return path
 
 
@@ -61,21 +73,18 @@ def native_config(ck: Consolidated, eod: int | None):
     return hc
 
 
-def _write_native(ck: Consolidated, out: Path, tok) -> None:
-    from ..hf import HERE, MODEL_FILES
+def _native(ck: Consolidated, eod: int | None, out: Path):
+    """The native config and tensors (transformers' names), checked against the model class's own."""
     from ..hf.modeling_megaqkv import MegaQKVForCausalLM
 
-    hc = native_config(ck, tok.eod if tok else None)
+    hc = native_config(ck, eod)
     state = {("model." + k if k != "lm_head.weight" else k): v.contiguous() for k, v in ck.weights.items()}
     with torch.device("meta"):
         expected = set(MegaQKVForCausalLM(hc).state_dict()) - ({"lm_head.weight"} if hc.tie_word_embeddings else set())
     if expected != set(state):
         raise CheckpointError(f"{out}: the weights do not fit the native model (missing "
                               f"{sorted(expected - set(state))[:4]}, unexpected {sorted(set(state) - expected)[:4]})")
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hc.save_pretrained(str(out))
-    for name in MODEL_FILES:
-        shutil.copyfile(HERE / name, out / name)
+    return hc, state
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -114,6 +123,7 @@ def read(path: str | Path, log=print) -> Consolidated:
         raise CheckpointError(f"{path}/config.json: model_type {hc.get('model_type')!r}; megaqkv imports its own "
                               "exports (megaqkv) and GPT-2 models (gpt2)")
     out.check(str(path))
+    out.trainer = {**(out.trainer or {}), "tokenizer": hf_assets.shipped_tokenizer(path)}
     return out
 
 

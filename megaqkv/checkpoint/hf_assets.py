@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.tokenizers import GPT2_DIR, HFTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer
@@ -14,7 +15,9 @@ from .consolidated import CheckpointError, Consolidated
 def tokenizer_for(ck: Consolidated, spec: str | None, out: Path) -> Tokenizer | None:
     """The megaqkv tokenizer to ship: `spec` ('none': no tokenizer), else the one the checkpoint records, else
     GPT-2 BPE when the vocabulary can hold it."""
-    spec = spec or (ck.trainer or {}).get("tokenizer")
+    recorded = (ck.trainer or {}).get("tokenizer")
+    where = "--tokenizer" if spec else "the tokenizer the checkpoint records (pass --tokenizer to choose another)"
+    spec = spec or recorded
     if spec == "none":
         return None
     if spec is None:
@@ -25,57 +28,87 @@ def tokenizer_for(ck: Consolidated, spec: str | None, out: Path) -> Tokenizer | 
         spec = "gpt2"
     try:
         tok = build_tokenizer(spec)
-    except ValueError as exc:
-        raise CheckpointError(f"--tokenizer: {exc}") from None
+    except Exception as exc:  # the libraries' own errors for a damaged file: RuntimeError, Exception
+        raise CheckpointError(f"{where}, {spec}: {exc}") from None
     if tok.vocab_size > ck.config.vocab_size:
-        raise CheckpointError(f"--tokenizer {spec}: {tok.vocab_size} tokens do not fit the model's vocabulary "
+        raise CheckpointError(f"{where}, {spec}: {tok.vocab_size} tokens do not fit the model's vocabulary "
                               f"({ck.config.vocab_size}); it is not the tokenizer this model was trained with")
     return tok
 
 
+def shipped_tokenizer(path: Path) -> str | None:
+    """The megaqkv tokenizer spec of the tokenizer files in an HF model directory (what an export shipped)."""
+    if (path / "tokenizer.model").is_file():
+        return str(path / "tokenizer.model")
+    gpt2 = [(path / "vocab.json", GPT2_DIR / "encoder.json"), (path / "merges.txt", GPT2_DIR / "vocab.bpe")]
+    if all(ours.is_file() and ours.read_bytes() == theirs.read_bytes() for ours, theirs in gpt2):
+        return "gpt2"
+    return str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+
+
 def hf_tokenizer(tok: Tokenizer, max_length: int):
-    """The transformers tokenizer that encodes as `tok` does, as the training data was tokenized: special-token
-    strings inside a text stay text for GPT-2 and sentencepiece (`split_special_tokens`), and are the special
-    token for a tokenizer.json, whose own encoder matches them."""
+    """The transformers tokenizer that encodes as `tok` does, as the training data was tokenized: no special
+    tokens added around a text, and special-token strings inside it are text where megaqkv's tokenizer reads
+    them as text (`split_special_tokens`: GPT-2, sentencepiece, an EOD that a tokenizer.json does not mark
+    special)."""
+    from tokenizers import Tokenizer as Pipeline, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     # Padding with the end-of-document token on the left: batched prompts ready for generate().
-    common = {"model_max_length": max_length, "split_special_tokens": True, "padding_side": "left"}
+    common = {"model_max_length": max_length, "padding_side": "left"}
     if isinstance(tok, SentencePieceTokenizer):
         from ..hf.tokenization_megaqkv import MegaQKVSentencePieceTokenizer
 
-        return MegaQKVSentencePieceTokenizer(tok.spec, pad_token=tok.sp.id_to_piece(tok.eod), **common)
+        return MegaQKVSentencePieceTokenizer(tok.spec, pad_token=tok.sp.id_to_piece(tok.eod), split_special_tokens=True,
+                                             **common)
     if isinstance(tok, HFTokenizer):
-        eod = tok.tok.id_to_token(tok.eod)
-        return PreTrainedTokenizerFast(tokenizer_file=tok.spec, eos_token=eod, bos_token=eod, pad_token=eod,
-                                       model_max_length=max_length, padding_side="left")
-    from tokenizers import Tokenizer as Pipeline, decoders, models, pre_tokenizers
-
+        pipeline = Pipeline.from_file(tok.spec)
+        pipeline.post_processor = None  # megaqkv encodes without special tokens (no BOS templates)
+        eod = pipeline.id_to_token(tok.eod)
+        special = any(t.content == eod and t.special for t in pipeline.get_added_tokens_decoder().values())
+        return PreTrainedTokenizerFast(tokenizer_object=pipeline, eos_token=eod, bos_token=eod, pad_token=eod,
+                                       split_special_tokens=not special, **common)
     bpe = Pipeline(models.BPE.from_file(str(GPT2_DIR / "encoder.json"), str(GPT2_DIR / "vocab.bpe")))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     eod = "<|endoftext|>"
     bpe.add_special_tokens([eod])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eod, bos_token=eod, unk_token=eod, pad_token=eod,
-                                   **common)
+                                   split_special_tokens=True, **common)
 
 
-def write(ck: Consolidated, out: Path, tok: Tokenizer | None, kind: str) -> None:
+@dataclass
+class Assets:
+    """Everything but the weights, built before anything is written (a failure here is not a write error)."""
+
+    tokenizer: object | None
+    generation: object | None
+    card: str
+    gpt2_files: bool
+
+    def save(self, out: Path) -> None:
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out))
+            self.generation.save_pretrained(str(out))
+        if self.gpt2_files:  # the classic files too, for tools that read vocab.json/merges.txt
+            shutil.copyfile(GPT2_DIR / "encoder.json", out / "vocab.json")
+            shutil.copyfile(GPT2_DIR / "vocab.bpe", out / "merges.txt")
+        (out / "README.md").write_text(self.card)
+
+
+def prepare(ck: Consolidated, tok: Tokenizer | None, kind: str) -> Assets:
     from transformers import GenerationConfig
 
+    hf, generation = None, None
     if tok is not None:
         hf = hf_tokenizer(tok, ck.config.max_position_embeddings)
         if isinstance(tok, SentencePieceTokenizer):  # remote code: tokenizer_config.json's auto_map and the file
             hf.register_for_auto_class("AutoTokenizer")
-        hf.save_pretrained(str(out))
-        if tok.spec == "gpt2":  # the classic files too, for tools that read vocab.json/merges.txt
-            shutil.copyfile(GPT2_DIR / "encoder.json", out / "vocab.json")
-            shutil.copyfile(GPT2_DIR / "vocab.bpe", out / "merges.txt")
         # Rows past the tokenizer's vocabulary (padding to a multiple of 128) are never generated, as in megaqkv.
         padding = list(range(tok.vocab_size, ck.config.vocab_size)) or None
-        GenerationConfig(bos_token_id=tok.eod, eos_token_id=tok.eod, pad_token_id=tok.eod,
-                         suppress_tokens=padding).save_pretrained(str(out))
-    (out / "README.md").write_text(model_card(ck, tok, kind))
+        generation = GenerationConfig(bos_token_id=tok.eod, eos_token_id=tok.eod, pad_token_id=tok.eod,
+                                      suppress_tokens=padding)
+    return Assets(hf, generation, model_card(ck, tok, kind), tok is not None and tok.spec == "gpt2")
 
 
 def model_card(ck: Consolidated, tok: Tokenizer | None, kind: str) -> str:

@@ -34,8 +34,8 @@ def _qkv(w: dict, i: int, cfg: ModelConfig, kind: str) -> torch.Tensor:
     return torch.cat([a(q), _expand(a(k), g, n, d), _expand(a(v), g, n, d)])
 
 
-def write(ck: Consolidated, out: Path, eod: int | None) -> None:
-    """The duplicated GPT2LMHeadModel's config.json and model.safetensors, into directory `out`."""
+def model(ck: Consolidated, eod: int | None, out: Path):
+    """The duplicated GPT2LMHeadModel holding the checkpoint's weights (`out` names the export in errors)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg, w = ck.config, ck.weights
@@ -61,13 +61,13 @@ def write(ck: Consolidated, out: Path, eod: int | None) -> None:
                    t + "mlp.c_fc.weight": w[p + "mlp.fc_in.weight"].t(), t + "mlp.c_fc.bias": bias(p + "mlp.fc_in.bias", f),
                    t + "mlp.c_proj.weight": w[p + "mlp.fc_out.weight"].t(),
                    t + "mlp.c_proj.bias": bias(p + "mlp.fc_out.bias", h)})
-    model = GPT2LMHeadModel(hf_cfg).to(w["wte.weight"].dtype)
-    missing, unexpected = model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=False)
+    hf_model = GPT2LMHeadModel(hf_cfg).to(w["wte.weight"].dtype)
+    missing, unexpected = hf_model.load_state_dict({k: v.contiguous() for k, v in sd.items()}, strict=False)
     missing = [m for m in missing if not m.endswith((".attn.bias", ".attn.masked_bias"))]
     if missing or unexpected:
         raise CheckpointError(f"{out}: export does not match GPT2LMHeadModel (missing {missing}, unexpected "
                               f"{unexpected})")
-    model.save_pretrained(str(out), safe_serialization=True)
+    return hf_model
 
 
 def read(path: Path, hc: dict, state: dict[str, torch.Tensor], log=print) -> Consolidated:

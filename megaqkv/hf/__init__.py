@@ -24,7 +24,10 @@ def register() -> bool:
 
         from .configuration_megaqkv import MegaQKVConfig
         from .modeling_megaqkv import MegaQKVForCausalLM, MegaQKVModel
-    except ImportError:
+    except ImportError as exc:
+        import warnings
+
+        warnings.warn(f"megaqkv's native model is not registered with transformers: {exc}")
         return False
     AutoConfig.register(MegaQKVConfig.model_type, MegaQKVConfig, exist_ok=True)
     AutoModel.register(MegaQKVConfig, MegaQKVModel, exist_ok=True)

@@ -106,14 +106,19 @@ class SharedKVStaticLayer(_OneTensor, StaticLayer):
 
 
 def one_tensor_layers(cache) -> None:
-    """Empty transformers layers of `cache` -> their one-tensor K=V versions (filled layers are left alone)."""
+    """Empty transformers layers of `cache` -> their one-tensor K=V versions. A static layer allocated ahead of
+    time (chunked prefill, export) keeps its key buffer and drops the value buffer; filled layers are left alone."""
     for i, layer in enumerate(cache.layers):
-        if layer.is_initialized or isinstance(layer, _OneTensor):
+        if isinstance(layer, _OneTensor):
             continue
-        if type(layer) is DynamicLayer:
+        if type(layer) is DynamicLayer and not layer.is_initialized:
             cache.layers[i] = SharedKVLayer()
-        elif type(layer) is StaticLayer:
-            cache.layers[i] = SharedKVStaticLayer(layer.max_cache_len)
+        elif type(layer) is StaticLayer and (not layer.is_initialized or int(layer.cumulative_length) == 0):
+            one = cache.layers[i] = SharedKVStaticLayer(layer.max_cache_len)
+            if layer.is_initialized:
+                for name in ("device", "batch_size", "num_heads", "k_head_dim", "cumulative_length", "keys"):
+                    setattr(one, name, getattr(layer, name))
+                one.v_head_dim, one.is_initialized = one.k_head_dim, True
     if cache.layer_class_to_replicate is DynamicLayer:
         cache.layer_class_to_replicate = SharedKVLayer
 
@@ -227,12 +232,12 @@ class MegaQKVModel(MegaQKVPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if cache is not None and self.config.kv_shared:
             one_tensor_layers(cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        if isinstance(past, int) and past + inputs_embeds.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"{past + inputs_embeds.shape[1]} positions exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings}: shorten the prompt or max_new_tokens")
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-            if isinstance(past, int) and past + inputs_embeds.shape[1] > self.config.max_position_embeddings:
-                raise ValueError(f"{past + inputs_embeds.shape[1]} positions exceed max_position_embeddings="
-                                 f"{self.config.max_position_embeddings}")
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   cache=cache, position_ids=position_ids)
         hidden_states = self.dropout(inputs_embeds + self.wpe(position_ids))

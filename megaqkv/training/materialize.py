@@ -20,7 +20,7 @@ def _worker(rank: int, world: int, port: int, source: str, out: str, tp: int, pp
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    from ..config import Config, ParallelConfig, TrainingConfig
+    from ..config import Config, DataConfig, ParallelConfig, TrainingConfig
     from ..parallel import ProcessGrid, init_distributed
     from ..checkpoint import consolidated
     from ..checkpoint.engine_state import load_into_engine
@@ -33,18 +33,21 @@ def _worker(rank: int, world: int, port: int, source: str, out: str, tp: int, pp
     groups = trainer.get("param_groups") or [{}]
     g = groups[0]
     training = TrainingConfig(
-        micro_batch_size=1, gradient_accumulation_steps=1, seq_length=ck.config.max_position_embeddings,
+        micro_batch_size=1, gradient_accumulation_steps=1,
+        seq_length=trainer.get("seq_length") or ck.config.max_position_embeddings,
         precision=precision, lr=float(g.get("initial_lr", g.get("lr", 2e-4))),
         betas=list(g.get("betas", (0.9, 0.95))), eps=float(g.get("eps", 1e-8)),
         weight_decay=float(g.get("weight_decay", 0.1)), decay_norms_and_biases=len(groups) < 2, min_lr=0.0)
-    cfg = Config(model=ck.config, parallel=ParallelConfig(tp=tp, pp=pp), training=training)
+    cfg = Config(model=ck.config, parallel=ParallelConfig(tp=tp, pp=pp), training=training,
+                 data=DataConfig(tokenizer=trainer.get("tokenizer")))
     cfg.validate()
     grid = ProcessGrid(tp, pp)
     engine = build_engine(cfg, grid, total_steps=max(1, int(trainer.get("step", 0))))
     consumed = load_into_engine(engine, grid, cfg, ck, source)
     step = engine.global_steps
     client = {**checkpointing.client_state(cfg, grid, step, consumed,
-                                           checkpointing.universal_checkpoint_info(cfg, grid.tp_size)),
+                                           checkpointing.universal_checkpoint_info(cfg, grid.tp_size),
+                                           trainer.get("valid")),
               "converted_from": ck.source or source}
     checkpointing.save(engine, out, step, client, keep_last=0)
 
