@@ -117,4 +117,10 @@ def main(argv=None) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    # Tear the process group down before the interpreter does: gloo's threads destroyed at exit can abort the
+    # process ("terminate called without an active exception", exit -6) after a complete, saved run.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
