@@ -41,7 +41,7 @@ class _OneTensor:
 
     @values.setter
     def values(self, tensor):
-        pass
+        """Dropped: the keys are the values (see the class docstring)."""
 
     @staticmethod
     def _check(key_states, value_states):
