@@ -60,9 +60,11 @@ def export(ck: Consolidated, path: str | Path, force: bool = False, kind: str = 
     return path
 
 
-def native_config(ck: Consolidated, eod: int | None):
+def _native(ck: Consolidated, eod: int | None, out: Path):
+    """The native config and tensors (transformers' names), checked against the model class's own."""
     from ..hf import AUTO_MAP
     from ..hf.configuration_megaqkv import MegaQKVConfig
+    from ..hf.modeling_megaqkv import MegaQKVForCausalLM
 
     cfg = ck.config
     hc = MegaQKVConfig(**{theirs: getattr(cfg, ours) for ours, theirs in _FIELDS.items()},
@@ -70,14 +72,6 @@ def native_config(ck: Consolidated, eod: int | None):
     hc.auto_map = AUTO_MAP
     hc.architectures = ["MegaQKVForCausalLM"]
     hc.dtype = str(next(iter(ck.weights.values())).dtype).removeprefix("torch.")
-    return hc
-
-
-def _native(ck: Consolidated, eod: int | None, out: Path):
-    """The native config and tensors (transformers' names), checked against the model class's own."""
-    from ..hf.modeling_megaqkv import MegaQKVForCausalLM
-
-    hc = native_config(ck, eod)
     state = {("model." + k if k != "lm_head.weight" else k): v.contiguous() for k, v in ck.weights.items()}
     with torch.device("meta"):
         expected = set(MegaQKVForCausalLM(hc).state_dict()) - ({"lm_head.weight"} if hc.tie_word_embeddings else set())
