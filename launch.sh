@@ -2,7 +2,8 @@
 # megaqkv launcher.
 #
 #   launch.sh train [pretrain.py ARGS]
-#       one node: every GPU through the deepspeed launcher (or NPROC processes with torchrun on a CPU machine)
+#       one node: every GPU through the deepspeed launcher, or only those CUDA_VISIBLE_DEVICES lists when it is set
+#       (or NPROC processes with torchrun on a CPU machine)
 #   launch.sh multinode HOSTFILE MASTER_ADDR [MASTER_PORT] [pretrain.py ARGS]
 #       several nodes: the deepspeed launcher reaches the hosts of HOSTFILE ("host slots=8" lines) over ssh/pdsh
 #   launch.sh demo [WORKDIR]
@@ -10,6 +11,9 @@
 #       2 processes until the validation loss falls, save a checkpoint, print where the TensorBoard logs are
 #   launch.sh analyze [analyze.py ARGS]
 #       parameters, FLOPs and KV-cache bytes per variant
+#
+# srun and mpirun need no wrapper: `srun python pretrain.py ARGS` (one task per GPU) or `mpirun -np N python
+# pretrain.py ARGS` forms one job from their variables; examples/slurm/pretrain.sbatch is a documented SLURM job.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 py="${PYTHON:-python3}"
@@ -18,16 +22,40 @@ gpus() {
   if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; else echo 0; fi
 }
 
+# Sets `launcher`: the command that starts one pretrain.py per GPU of this node, or NPROC processes on the CPU.
+choose_launcher() {
+  local n ids
+  if [ -z "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    n="$(gpus)"
+  elif [[ "$CUDA_VISIBLE_DEVICES" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    # No --num_gpus: given it, deepspeed ignores CUDA_VISIBLE_DEVICES and hands its processes GPUs 0..N-1. Given no
+    # --num_gpus/--include, it turns CUDA_VISIBLE_DEVICES=2,3 into --include localhost:2,3 itself, starts one
+    # process per listed GPU and sets each one's CUDA_VISIBLE_DEVICES to that same list: exactly the user's GPUs.
+    # (Passing that --include here would do the same, but make deepspeed log that it is ignoring the variable.)
+    launcher=(deepspeed)
+    return
+  elif [ -n "$CUDA_VISIBLE_DEVICES" ]; then
+    # UUIDs (GPU-..., MIG-...), which deepspeed's --include cannot read; torchrun leaves the variable as it is.
+    IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
+    launcher=("$py" -m torch.distributed.run --standalone --nproc_per_node "${#ids[@]}")
+    return
+  else
+    n=0  # set but empty: CUDA shows this process no GPU
+  fi
+  if [ "$n" -gt 0 ]; then
+    launcher=(deepspeed --num_gpus "$n")
+  else
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    launcher=("$py" -m torch.distributed.run --standalone --nproc_per_node "${NPROC:-1}")
+  fi
+}
+
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   train)
-    n="$(gpus)"
-    if [ "$n" -gt 0 ]; then
-      exec deepspeed --num_gpus "$n" "$here/pretrain.py" "$@"
-    fi
-    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-    exec "$py" -m torch.distributed.run --standalone --nproc_per_node "${NPROC:-1}" "$here/pretrain.py" "$@"
+    choose_launcher
+    exec "${launcher[@]}" "$here/pretrain.py" "$@"
     ;;
   multinode)
     [ $# -ge 2 ] || { echo "usage: $0 multinode HOSTFILE MASTER_ADDR [MASTER_PORT] [pretrain.py ARGS]" >&2; exit 2; }
@@ -62,7 +90,7 @@ EOF
     ;;
   analyze) exec "$py" "$here/tools/analyze.py" "$@" ;;
   *)
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

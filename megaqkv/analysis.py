@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from .flops import CONVENTIONS, block_macs, head_macs
 from .config import ConfigError, FieldError, ModelConfig, check_parallel_fits_model, load_model_config
 from .model import GPT
 from .parallel.grid import TPGroup
@@ -32,28 +33,39 @@ from .variants import PRESETS, AttentionLayout, attention_parameters, kv_cache_b
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_CONFIGS = REPO_ROOT / "model_configs"
 DEFAULT_SEQ_LENS = (128, 512, 1024, 2048)
-CONVENTIONS = ("paper", "exact")
 
 
 def forward_macs(cfg: ModelConfig, seq_len: int, convention: str = "exact") -> int:
     """Multiply-accumulates of one forward pass over one sequence of `seq_len` tokens."""
-    t, h = seq_len, cfg.hidden_size
-    layout = AttentionLayout.of(cfg)
-    if convention == "paper":
-        projections = layout.num_projections * t * h * h
-        core = 2 * t * t * h
-    elif convention == "exact":
-        projections = t * h * layout.rows
-        core = h * t * (t + 1)  # q·k and p·v over the causal triangle, all heads
-    else:
-        raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
-    per_layer = projections + core + t * h * h + 2 * t * h * cfg.ffn_hidden_size
-    return cfg.num_layers * per_layer + t * h * cfg.vocab_size
+    return cfg.num_layers * block_macs(cfg, seq_len, convention) + head_macs(cfg, seq_len)
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "exact") -> float:
     """Model FLOPs per trained token (forward + backward), for throughput and MFU."""
     return 3 * 2 * forward_macs(cfg, seq_len, convention) / seq_len
+
+
+def megatron_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> float:
+    """Training FLOPs per token as Megatron-LM counts them: `num_floating_point_operations(args, batch)` of
+    megatron/training/training.py for a dense GPT (no MoE, no SwiGLU), divided by batch × seq_length:
+
+        12·L·h²·((1 + g/n + T/h)·(n·d/h) + F/h) + 6·h·V
+
+    with L layers, hidden h, n query heads of d = kv_channels, g = num_query_groups (KV heads), FFN width F,
+    vocabulary V (Megatron's padded_vocab_size; the presets' vocab_size is already a multiple of 128) and
+    T = seq_len: 12 = 3 (forward, backward wgrad and dgrad) × 2 (FLOPs per MAC) × 2 (GEMMs in pairs).
+
+    Attention scores and attention-times-V are counted over the full T×T matrix, as Megatron-LM did through
+    2024 (NVIDIA/Megatron-LM#831) and as most published Megatron MFU numbers are; `causal=True` is its 2025
+    formula, which halves that term for the causal mask (T/h -> T/(2h)). Megatron has no shared projections:
+    a variant is counted as Megatron would count the GQA model with the same KV heads, i.e. query, key and
+    value projected separately (Q=K–V and Q=K=V as MHA; Q–K=V, Q-GQA and Q-MQA as MHA/GQA/MQA with g KV heads),
+    so sharing saves nothing in this convention; `training_flops_per_token` credits only the real rows.
+    """
+    h, n, g = cfg.hidden_size, cfg.num_heads, cfg.kv_heads
+    scores = seq_len / 2 if causal else seq_len
+    attention = (1 + g / n + scores / h) * n * cfg.head_dim / h
+    return 12 * cfg.num_layers * h * h * (attention + cfg.ffn_hidden_size / h) + 6 * h * cfg.vocab_size
 
 
 def qkv_baseline(cfg: ModelConfig) -> ModelConfig:

@@ -60,6 +60,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     attention_backend: Literal["auto", "sdpa", "flash", "triton"] = "auto"
+    # torch.compile each block in training (fused LayerNorm, bias + GELU, bias + dropout + residual);
+    # null: on for CUDA runs, off for CPU runs.
+    compile: typing.Optional[bool] = None
 
     @property
     def head_dim(self) -> int:

@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megaqkv.parallel import SINGLE, ProcessGrid, TPGroup, init_distributed  # noqa: E402  (sets DS_ACCELERATOR first)
 from megaqkv.config import Config, ConfigError, ParallelConfig, TrainingConfig, load_model_config  # noqa: E402
 from megaqkv.model import GPT  # noqa: E402
+from megaqkv.kernels.cross_entropy import linear_cross_entropy  # noqa: E402
 from megaqkv.model.pipeline import build_pipeline, named_plain_parameters  # noqa: E402
+from megaqkv.parallel.layers import vocab_partition  # noqa: E402
 from megaqkv.parallel.sharding import gather_canonical, param_spec  # noqa: E402
 from megaqkv.training.engine import build_engine  # noqa: E402
 
@@ -84,6 +86,29 @@ def grad_scenario(preset: str, tp: int, pp: int = 1) -> dict:
             "grad_max": max(g.abs().max().item() for g in ref_grads.values())}
 
 
+def fused_loss_scenario(vocab: int, block: int) -> dict:
+    """The fused head + loss with the vocabulary split over TP=2 (vocab 100: rank 1 holds only padding rows)
+    in blocks of `block` tokens vs torch's cross-entropy on the whole vocabulary in one process."""
+    grid = ProcessGrid(2, 1)
+    g = torch.Generator().manual_seed(5)
+    hidden, full = torch.randn(23, 8, generator=g), torch.randn(vocab, 8, generator=g)
+    labels, weights = torch.randint(0, vocab, (23,), generator=g), torch.rand(23, generator=g)
+    start, part, valid = vocab_partition(vocab, grid.tp)
+    shard = torch.zeros(part, 8)
+    shard[:valid] = full[start:start + valid]
+    h, shard = hidden.clone().requires_grad_(), shard.requires_grad_()
+    loss = linear_cross_entropy(h, shard, labels, weights, start, valid, grid.tp, block)
+    (2 * loss).backward()
+    ref_h, ref_w = hidden.clone().requires_grad_(), full.clone().requires_grad_()
+    ref = (torch.nn.functional.cross_entropy(ref_h @ ref_w.t(), labels, reduction="none") * weights).sum()
+    (2 * ref).backward()
+    return {"valid_rows": valid, "loss_diff": max_over_world(abs(loss.item() - ref.item())),
+            "grad_diff": max_over_world(max((h.grad - ref_h.grad).abs().max().item(),
+                                            (shard.grad[:valid] - ref_w.grad[start:start + valid]).abs().max().item()
+                                            if valid else 0.0, shard.grad[valid:].abs().max().item() if valid < part else 0.0)),
+            "grad_max": ref_w.grad.abs().max().item()}
+
+
 _REFERENCE: dict = {}
 
 
@@ -114,9 +139,9 @@ def reference_training(preset: str, micro: int, steps: int, global_batch: int, l
 
 def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro: int = 2, steps: int = 4,
                    global_batch: int = 8, lr: float = 3e-3, clip: float = 1.0, wd: float = 0.1,
-                   checkpointing: bool = False) -> dict:
+                   checkpointing: bool = False, compile: bool = False) -> dict:
     """Losses, gradient norms and final parameters of a DeepSpeed PipelineEngine run vs the reference."""
-    cfg = Config(model=model_cfg(preset), parallel=ParallelConfig(tp=tp, pp=pp, activation_checkpointing=checkpointing),
+    cfg = Config(model=model_cfg(preset, compile=compile), parallel=ParallelConfig(tp=tp, pp=pp, activation_checkpointing=checkpointing),
                  training=TrainingConfig(micro_batch_size=micro, global_batch_size=global_batch, seq_length=SEQ,
                                          precision=precision, lr=lr, weight_decay=wd, grad_clip=clip, seed=SEED,
                                          lr_schedule="constant", warmup_steps=0))
@@ -292,10 +317,15 @@ SUITES = {
     # two processes: TP=2 for every preset (K/V replicated for MQA and Q-MQA), PP=2, DP=2 with ZeRO-1, bf16
     "world2": [(f"grad tp2 {p}", grad_scenario, dict(preset=p, tp=2))
                for p in ("qkv", "qk", "kv", "k", "gqa4", "gqa8", "mqa", "qgqa4", "qgqa8", "qmqa")]
+    + [(f"fused loss tp2 vocab {v} block {b}", fused_loss_scenario, dict(vocab=v, block=b))
+       for v, b in ((1000, 5), (100, 23))]
     + [("train tp2 kv", train_scenario, dict(preset="kv", tp=2, pp=1)),
        ("train tp2 qmqa", train_scenario, dict(preset="qmqa", tp=2, pp=1)),
        ("train pp2 kv", train_scenario, dict(preset="kv", tp=1, pp=2)),
        ("train pp2 qkv checkpointed", train_scenario, dict(preset="qkv", tp=1, pp=2, checkpointing=True)),
+       ("train tp2 kv compiled", train_scenario, dict(preset="kv", tp=2, pp=1, compile=True)),
+       ("train pp2 qkv compiled checkpointed", train_scenario,
+        dict(preset="qkv", tp=1, pp=2, checkpointing=True, compile=True)),
        ("train dp2 zero1 qmqa", train_scenario, dict(preset="qmqa", tp=1, pp=1)),
        ("train tp2 bf16 kv", train_scenario, dict(preset="kv", tp=2, pp=1, precision="bf16")),
        ("train dp2 bf16 qkv", train_scenario, dict(preset="qkv", tp=1, pp=1, precision="bf16")),

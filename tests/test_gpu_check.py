@@ -6,7 +6,7 @@ from conftest import REPO
 
 
 def test_gpu_check_script_in_miniature(tmp_path):
-    env = {**os.environ, "SCALE": "tiny", "SEQ": "64", "STEPS": "2", "MICRO": "2", "NPROC": "1", "OUT": str(tmp_path),
+    env = {**os.environ, "SCALE": "tiny", "SEQ": "64", "STEPS": "2", "MICRO": "2", "GLOBAL": "4", "NPROC": "1", "OUT": str(tmp_path),
            "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                             timeout=600)

@@ -113,7 +113,7 @@ def run_case(preset, seed=0):
     labels = torch.randint(0, cfg.vocab_size, (B, T))
     mask = (torch.rand(B, T) > 0.3).float()
 
-    out = model(tokens, labels=labels, loss_mask=mask)
+    out = model(tokens, labels=labels, loss_mask=mask, logits=True)
     out.loss.backward()
     P, where = split_fused(cfg, {k: v.detach() for k, v in model.state_dict().items()})
     ref_logits, ref_loss = reference_forward(cfg, P, tokens, labels, mask)
@@ -162,7 +162,7 @@ def test_loss_mask_is_token_weighted():
     mask = torch.zeros(2, 8)
     mask[0, :3] = 1
     mask[1, :1] = 1
-    out = model(tokens, labels=tokens, loss_mask=mask)
+    out = model(tokens, labels=tokens, loss_mask=mask, logits=True)
     per_token = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tokens.flatten(), reduction="none")
     expected = per_token.view(2, 8)[mask.bool()].mean()
     assert torch.allclose(out.loss, expected, atol=1e-6)

@@ -44,13 +44,20 @@ def test_tp2_gradients_every_preset(world2, preset):
     check_grads(world2[f"grad tp2 {preset}"])
 
 
+@pytest.mark.parametrize("vocab,block", [(1000, 5), (100, 23)])
+def test_fused_loss_split_over_tp_equals_one_process(world2, vocab, block):
+    r = world2[f"fused loss tp2 vocab {vocab} block {block}"]
+    assert r["grad_max"] > 1e-2 and r["loss_diff"] <= TOL and r["grad_diff"] <= TOL, r
+
+
 @pytest.mark.parametrize("preset", ["qkv", "gqa4", "mqa", "qmqa", "kv"])
 def test_tp4_gradients(world4, preset):
     check_grads(world4[f"grad tp4 {preset}"])
 
 
 @pytest.mark.parametrize("name", ["train tp2 kv", "train tp2 qmqa", "train pp2 kv", "train pp2 qkv checkpointed",
-                                  "train dp2 zero1 qmqa"])
+                                  "train dp2 zero1 qmqa", "train tp2 kv compiled",
+                                  "train pp2 qkv compiled checkpointed"])
 def test_two_rank_training_equals_single_process(world2, name):
     check_training(world2[name])
 

@@ -3,13 +3,12 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megaqkv.analysis import main as analyze_main, per_rank_parameters
 from megaqkv.config import Config, ConfigError, TrainingConfig, load_config, load_model_config
 from megaqkv.model import GPT
-from megaqkv.parallel.grid import SINGLE, TPGroup
-from megaqkv.parallel.layers import padded_vocab_size, vocab_parallel_cross_entropy
+from megaqkv.parallel.grid import TPGroup
+from megaqkv.parallel.layers import padded_vocab_size
 from megaqkv.parallel.sharding import canonical_from_shards, canonical_shapes, shard_from_canonical
 from megaqkv.training.engine import derive_batch, deepspeed_config, read_ds_config
 from megaqkv.variants import PRESETS
@@ -44,17 +43,6 @@ def test_shard_and_merge_round_trip(preset):
 def test_vocab_padding_sizes():
     assert [padded_vocab_size(50304, t) for t in (1, 2, 4, 8)] == [50304, 50432, 50688, 51200]
     assert padded_vocab_size(1000, 2) == 1024
-
-
-def test_vocab_parallel_cross_entropy_single_rank():
-    logits = torch.randn(3, 5, 11, requires_grad=True)
-    labels = torch.randint(0, 11, (3, 5))
-    ours = vocab_parallel_cross_entropy(logits, labels, 0, SINGLE)
-    ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(3, 5)
-    weights = torch.rand(3, 5)
-    g1, = torch.autograd.grad((ours * weights).sum(), logits)
-    g2, = torch.autograd.grad((ref * weights).sum(), logits)
-    assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(g1, g2, atol=1e-6)
 
 
 def test_per_rank_counts_1_2b():

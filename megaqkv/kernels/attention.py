@@ -1,16 +1,20 @@
 """Causal attention for training and prefill, read straight from the projection output.
 
 Backends: `triton` (ours: a GQA/MQA or K=V tile loaded once per KV group for both products, one fused
-gradient written), `flash` (flash-attn) and `sdpa` (PyTorch). `auto` takes the first that runs here from
-AUTO (docs/kernels.md keeps the measurements behind that order).
+gradient written), `flash` (FlashAttention-3 on Hopper when importable, else FlashAttention-2) and `sdpa`
+(PyTorch). `auto` takes the first that runs here from AUTO (docs/kernels.md keeps the measurements behind
+that order).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..config import ModelConfig
+from ..variants import AttentionLayout
 from .columns import Columns
-from .detect import flash_attn_func, flash_runs_on, passes_self_test, triton_runs_on
+from .detect import flash3_attn_func, flash_attn_func, flash_runs_on, flash_version, passes_self_test, triton_runs_on
+from .norm import fused_layer_norm
 from .roles import split_roles
 
 HALF = (torch.float16, torch.bfloat16)
@@ -62,9 +66,10 @@ def choose_backend(requested: str, t: torch.Tensor, head_dim: int, dropout_p: fl
     """The backend this call runs on; an explicit request that cannot run here is an error, not a fallback.
     `auto` takes Triton only where its self-test on this variant (`cols`) passes."""
     why = {"triton": triton_supports(t, head_dim, dropout_p),
-           "flash": None if flash_runs_on(t) else
-           ("flash-attn is not importable (pip install 'megaqkv[flash]')" if flash_attn_func() is None else
-            f"flash-attn needs CUDA fp16/bf16 tensors with head_dim <= 256 (got {t.device.type} {t.dtype})"),
+           "flash": None if flash_runs_on(t, head_dim, dropout_p) else
+           ("flash-attn is not importable (pip install 'megaqkv[flash]')" if flash_version(t, dropout_p) is None
+            else f"flash-attn needs CUDA fp16/bf16 tensors with head_dim <= 256 (got {t.device.type} {t.dtype}, "
+                 f"head_dim {head_dim})"),
            "sdpa": None}
     if requested != "auto":
         if why[requested]:
@@ -106,7 +111,10 @@ def causal_attention(q_src: torch.Tensor, kv_src: torch.Tensor | None, cols: Col
         return triton_attention(q_src, kv_src, cols, None if padding is None else padding.starts)
     q, k, v = split_roles(q_src, kv_src, cols)
     if name == "flash" and padding is None:
-        return flash_attn_func()(q, k, v, dropout_p=dropout_p, causal=True)
+        fa3 = flash_version(q_src, dropout_p) == 3  # FA3 takes no dropout_p (chosen only without dropout)
+        out = (flash3_attn_func() if fa3 else flash_attn_func())(
+            q, k, v, causal=True, **({} if fa3 else {"dropout_p": dropout_p}))
+        return out[0] if isinstance(out, tuple) else out  # some FA3 releases return (out, softmax_lse)
     mask = None if padding is None else padding.mask(q.shape[1])
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
@@ -115,9 +123,20 @@ def causal_attention(q_src: torch.Tensor, kv_src: torch.Tensor | None, cols: Col
 
 
 def kernels_text(backend: str, like: torch.Tensor, cols: Columns, dropout_p: float) -> str:
-    """What a run prints: the kernels its attention (`cols`) uses for tensors like `like` (device, dtype),
-    after any self-test `auto` runs."""
+    """What a run prints: the kernels its attention (`cols`) and LayerNorm use for tensors like `like` (device,
+    dtype), after any self-test `auto` runs; flash-attn is named by version (flash-3, flash-2)."""
     from .decode import decode_backend
 
-    return (f"attention kernels: training and prefill {choose_backend(backend, like, cols.head_dim, dropout_p, cols)}"
-            f" (attention_backend: {backend}), decoding {decode_backend(like, 1)}")
+    name = choose_backend(backend, like, cols.head_dim, dropout_p, cols)
+    if name == "flash":
+        name = f"flash-{flash_version(like, dropout_p)}"
+    return (f"attention kernels: training and prefill {name} (attention_backend: {backend} on {like.device.type}), "
+            f"decoding {decode_backend(like, 1)}; LayerNorm: "
+            f"{'apex fused' if fused_layer_norm(like) is not None else 'torch'}")
+
+
+def describe_kernels(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
+    """kernels_text for a model of `cfg` whose tensors will be `dtype` on `device`, before any model exists:
+    Triton's self-test runs on the variant's unsharded layout (a TP rank's own shape may differ)."""
+    like = torch.empty(0, device=device, dtype=dtype)
+    return kernels_text(cfg.attention_backend, like, Columns.fused(AttentionLayout.of(cfg)), cfg.attention_dropout)

@@ -18,12 +18,29 @@ def optional(module: str, attr: str):
 
 
 def flash_attn_func():
-    """flash_attn.flash_attn_func, or None when flash-attn is not importable."""
+    """FlashAttention-2: flash_attn.flash_attn_func, or None when flash-attn is not importable."""
     return optional("flash_attn", "flash_attn_func")
 
 
+def flash3_attn_func():
+    """FlashAttention-3 (the Hopper build, module flash_attn_interface): its flash_attn_func, or None."""
+    return optional("flash_attn_interface", "flash_attn_func")
+
+
+def flash_version(t: torch.Tensor, dropout_p: float) -> int | None:
+    """The FlashAttention a call on `t` uses: 3 on Hopper (compute capability 9.x) when it imports and no
+    attention dropout is asked (FA3 has none), else 2 when flash-attn imports; None when neither does."""
+    if (dropout_p == 0 and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9
+            and flash3_attn_func() is not None):
+        return 3
+    return 2 if flash_attn_func() is not None else None
+
+
 def apex_layer_norm():
-    """apex's fused_layer_norm_affine, or None when an NVIDIA apex build is not importable."""
+    """apex's fused_layer_norm_affine, or None unless apex *and its CUDA extension* import: an apex built
+    without --cuda_ext imports fine and fails only inside the first forward, once the run has started."""
+    if optional("fused_layer_norm_cuda", "forward_affine") is None:
+        return None
     return optional("apex.normalization.fused_layer_norm", "fused_layer_norm_affine")
 
 
@@ -42,9 +59,11 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     return optional("triton", "jit") is not None and (t.is_cuda or (triton_interpreted() and t.device.type == "cpu"))
 
 
-def flash_runs_on(t: torch.Tensor) -> bool:
-    return (flash_attn_func() is not None and on_accelerator(t) and t.dtype in (torch.float16, torch.bfloat16)
-            and t.shape[-1] <= 256)
+def flash_runs_on(t: torch.Tensor, head_dim: int | None = None, dropout_p: float = 0.0) -> bool:
+    """FlashAttention takes attention over heads of `head_dim` (default: `t`'s last dimension) for tensors
+    like `t`. The head dimension is passed, not read from `t`: the projection output is far wider."""
+    return (flash_version(t, dropout_p) is not None and on_accelerator(t)
+            and t.dtype in (torch.float16, torch.bfloat16) and (head_dim or t.shape[-1]) <= 256)
 
 
 _SELF_TESTS: dict = {}

@@ -61,12 +61,16 @@ class Attention(nn.Module):
         sources = self.project(x)
         if cache is not None:
             return self.out_proj(self.attend_cached(sources, cache, layer).flatten(2))
-        dropout = self.dropout_p if self.training else 0.0
-        # Dropout on this rank's own heads draws from the per-rank stream.
+        return self.out_proj(self.attend(sources, self.dropout_p if self.training else 0.0).flatten(2))
+
+    @torch.compiler.disable
+    def attend(self, sources, dropout: float) -> torch.Tensor:
+        """The attention kernel, eager under torch.compile (a graph break of its own): Triton, flash-attn and
+        SDPA are fused kernels already, and the per-rank RNG stream swaps generator states, which a graph
+        cannot. Dropout on this rank's own heads draws from that stream."""
         stream = self.tp.rng.fork() if dropout > 0 and self.tp.size > 1 else contextlib.nullcontext()
         with stream:
-            out = causal_attention(*sources, self.cols, dropout_p=dropout, backend=self.backend)
-        return self.out_proj(out.flatten(2))
+            return causal_attention(*sources, self.cols, dropout_p=dropout, backend=self.backend)
 
     def attend_cached(self, sources, cache, layer: int) -> torch.Tensor:
         """Attention of the new tokens over everything cached. A prefill (empty cache) runs the training

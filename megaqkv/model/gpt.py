@@ -7,6 +7,7 @@ types and the `TPGroup` they are given.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -15,8 +16,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..parallel.grid import SINGLE, TPGroup
-from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, \
-    vocab_parallel_cross_entropy
+from ..kernels.cross_entropy import linear_cross_entropy
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.random import checkpoint
 from ..parallel.sharding import init_parameters
 from .attention import Attention
@@ -53,10 +54,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; residual dropout after attention and after the MLP."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, checkpointed: bool = False):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, checkpointed: bool = False, compiled: bool = False):
         super().__init__()
         self.tp = tp
         self.checkpointed = checkpointed
+        self.compiled = compiled
         self.ln_1 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.attn = Attention(cfg, tp)
         self.ln_2 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
@@ -68,33 +70,50 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
     def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
-        if self.checkpointed and torch.is_grad_enabled() and cache is None:
-            return checkpoint(self._forward, x, self.tp.rng)
-        return self._forward(x, cache, layer)
+        if cache is not None:  # cached generation stays eager: its shapes change every step
+            return self._forward(x, cache, layer)
+        run = functools.partial(compiled_block, self) if self.compiled else self._forward
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(run, x, self.tp.rng)
+        return run(x)
 
 
-def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """Token-weighted mean: masked positions (padding) count neither in the sum nor the count."""
-    if loss_mask is None:
-        return losses.mean()
-    mask = loss_mask.to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+@torch.compile
+def compiled_block(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """A block under torch.compile (`model.compile`): LayerNorm, bias + GELU and bias + dropout + residual add
+    become fused kernels; the attention kernel and TP collectives are graph breaks (eager). One compiled
+    graph serves every block of the model: its parameters are graph inputs, not constants."""
+    return block._forward(x)
+
+
+def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None, mean: bool = True) -> torch.Tensor:
+    """Each token's share of the loss: 1/count for a token-weighted mean (masked positions, padding, count
+    neither in the sum nor the count), or the mask itself for a sum."""
+    mask = torch.ones(labels.shape, device=labels.device) if loss_mask is None else loss_mask.float()
+    return mask / mask.sum().clamp(min=1.0) if mean else mask
+
+
+def head_loss(head: VocabParallelEmbedding, hidden: torch.Tensor, labels: torch.Tensor,
+              weights: torch.Tensor) -> torch.Tensor:
+    """Σ weights · cross-entropy of the (tied or untied, vocab-parallel) head, fused: no [tokens, vocab] tensor."""
+    return linear_cross_entropy(hidden, head.weight, labels, weights, head.start, head.valid, head.tp)
 
 
 class GPTOutput(NamedTuple):
-    logits: torch.Tensor  # this TP rank's vocabulary slice ([..., vocab] at TP=1)
+    logits: torch.Tensor | None  # this TP rank's vocabulary slice ([..., vocab] at TP=1)
     loss: torch.Tensor | None
 
 
 class GPT(nn.Module):
     """The plain (single-stage) model; at TP>1 each rank holds its shards and returns its logit slice."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, seed: int = 1234, checkpointed: bool = False):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, seed: int = 1234, checkpointed: bool = False,
+                 compiled: bool = False):
         super().__init__()
         self.cfg = cfg
         self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.wpe = PositionEmbedding(cfg)
-        self.layers = nn.ModuleList(Block(cfg, tp, checkpointed) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, tp, checkpointed, compiled) for _ in range(cfg.num_layers))
         self.ln_f = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.lm_head = None if cfg.tie_embeddings else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         init_parameters(self.named_parameters(), cfg, tp, seed)
@@ -105,10 +124,11 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, cache=None, valid: torch.Tensor | None = None,
-                last_only: bool = False) -> GPTOutput:
+                last_only: bool = False, logits: bool | None = None) -> GPTOutput:
         """With a `KVCache`, `tokens` continue what the cache holds (a left-padded prompt whose real tokens
         `valid` marks, or one new token per sequence) and the cache advances past them. `last_only`: logits
-        of the last position only (what generation samples from), not a [tokens, vocab] tensor."""
+        of the last position only (what generation samples from), not a [tokens, vocab] tensor. With `labels` the
+        loss is fused (no logits tensor) and logits are returned only when `logits=True`."""
         positions = None
         if cache is not None:
             positions = cache.begin(torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid)
@@ -119,6 +139,7 @@ class GPT(nn.Module):
             cache.advance(tokens.shape[1])
         if last_only:
             x = x[:, -1:]
-        logits = self.head.logits(self.ln_f(x))
-        loss = None if labels is None else masked_mean(vocab_parallel_cross_entropy(logits, labels, self.head.start, self.head.tp), loss_mask)
-        return GPTOutput(logits, loss)
+        hidden = self.ln_f(x)
+        loss = None if labels is None else head_loss(self.head, hidden, labels, token_weights(labels, loss_mask))
+        want = labels is None if logits is None else logits
+        return GPTOutput(self.head.logits(hidden) if want else None, loss)

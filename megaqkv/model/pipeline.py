@@ -8,57 +8,100 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..flops import block_macs, head_macs
 from ..parallel.grid import ProcessGrid, TPGroup
-from ..parallel.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy, vocab_partition
+from ..parallel.layers import VocabParallelEmbedding
 from ..parallel.sharding import init_parameters
-from .gpt import Block, PositionEmbedding, masked_mean
+from .gpt import Block, PositionEmbedding, head_loss, token_weights
 from ..kernels.norm import LayerNorm
 
 
 class LMHead(VocabParallelEmbedding):
-    """An untied output head as a pipeline layer: hidden -> this rank's logit slice."""
+    """An untied output head as a pipeline layer (see `head_inputs`)."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logits(hidden)
+    def forward(self, hidden: torch.Tensor):
+        return head_inputs(self, hidden)
 
 
-def tied_logits(embedding: VocabParallelEmbedding, hidden: torch.Tensor) -> torch.Tensor:
-    return embedding.logits(hidden)
+def head_inputs(head: VocabParallelEmbedding, hidden: torch.Tensor):
+    """The last layer hands the loss the final hidden states and the head itself: the fused loss computes the
+    logits block by block (`kernels.cross_entropy`), so no layer ever returns [tokens, vocab] logits."""
+    return hidden, head
 
 
 class PipelineLoss:
-    """Loss of the last stage: labels arrive as a tensor or as (labels, loss_mask).
+    """Loss of the last stage, from (hidden, head); labels arrive as a tensor or as (labels, loss_mask).
 
     `sums=True` returns [sum of token losses, token count] instead of the mean, so that evaluation can
     weight every token equally across micro-batches and ranks.
     """
 
-    def __init__(self, vocab_size: int, tp: TPGroup, sums: bool = False):
-        self.vocab_start, self.tp, self.sums = vocab_partition(vocab_size, tp)[0], tp, sums
-        self.__name__ = "vocab_parallel_cross_entropy"
+    def __init__(self, sums: bool = False):
+        self.sums = sums
+        self.__name__ = "fused vocab-parallel linear cross-entropy"
 
-    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
-        labels, loss_mask = labels if isinstance(labels, (tuple, list)) else (labels, None)
-        losses = vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.tp)
-        if not self.sums:
-            return masked_mean(losses, loss_mask)
-        mask = torch.ones_like(losses) if loss_mask is None else loss_mask.to(losses.dtype)
-        return torch.stack([(losses * mask).sum(), mask.sum()])
+    def __call__(self, outputs, labels) -> torch.Tensor:
+        (hidden, head), (labels, loss_mask) = outputs, labels if isinstance(labels, (tuple, list)) else (labels, None)
+        weights = token_weights(labels, loss_mask, mean=not self.sums)
+        loss = head_loss(head, hidden, labels, weights)
+        return torch.stack([loss, weights.sum()]) if self.sums else loss
 
 
-def layer_specs(cfg: ModelConfig, tp: TPGroup, checkpointed: bool = False) -> list:
+def layer_specs(cfg: ModelConfig, tp: TPGroup, checkpointed: bool = False, compiled: bool = False) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     embed_args = (cfg.vocab_size, cfg.hidden_size, tp)
     if cfg.tie_embeddings:
         first = TiedLayerSpec("wte", VocabParallelEmbedding, *embed_args, tied_weight_attr="weight")
-        last = TiedLayerSpec("wte", VocabParallelEmbedding, *embed_args, forward_fn=tied_logits,
+        last = TiedLayerSpec("wte", VocabParallelEmbedding, *embed_args, forward_fn=head_inputs,
                              tied_weight_attr="weight")
     else:
         first, last = LayerSpec(VocabParallelEmbedding, *embed_args), LayerSpec(LMHead, *embed_args)
     return ([first, LayerSpec(PositionEmbedding, cfg)]
-            + [LayerSpec(Block, cfg, tp, checkpointed) for _ in range(cfg.num_layers)]
+            + [LayerSpec(Block, cfg, tp, checkpointed, compiled) for _ in range(cfg.num_layers)]
             + [LayerSpec(LayerNorm, cfg.hidden_size, eps=cfg.layernorm_eps), last])
+
+
+def layer_costs(cfg: ModelConfig, seq_length: int, checkpointed: bool = False) -> list[int]:
+    """Estimated training MACs per sequence of each layer spec: 3× forward (backward is 2×), a checkpointed
+    block 4× (its forward runs again in backward); the head with its fused loss is one more costly layer
+    (at vocab 50,304 and hidden 1,024 about 3.5 blocks). Embeddings and LayerNorm are lookups and
+    elementwise work, counted as nothing."""
+    block = (4 if checkpointed else 3) * block_macs(cfg, seq_length)
+    return [0, 0] + [block] * cfg.num_layers + [0, 3 * head_macs(cfg, seq_length)]
+
+
+class CostBalancedPipeline:
+    """Mixin for deepspeed.pipe.PipelineModule: `partition_method="cost"` splits the layers so that stages
+    carry equal estimated compute (`layer_costs`), not equal block counts: the last stage also runs the LM
+    head and loss, so it gets fewer blocks. DeepSpeed's own balancer (`partition_balanced`) does the split."""
+
+    def _partition_layers(self, method="uniform"):
+        if method != "cost":
+            return super()._partition_layers(method)
+        from deepspeed.runtime.utils import partition_balanced
+
+        self.parts = partition_balanced(weights=self.costs, num_parts=self.num_stages)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def stage_summary(module, cfg: ModelConfig) -> str:
+    """One line per pipeline stage: its layers, and its share of the parameters (a tied embedding counts
+    on both stages that hold it) and of the estimated compute."""
+    specs, parts, costs = module._layer_specs, module.parts, module.costs
+    with torch.device("meta"):
+        params = [sum(p.numel() for p in spec.build().parameters()) for spec in specs]
+    total_params = sum(params) - (params[-1] if cfg.tie_embeddings else 0)
+    lines = ["pipeline stages (balanced by estimated compute: blocks, LM head and loss):"]
+    for stage in range(len(parts) - 1):
+        lo, hi = parts[stage], parts[stage + 1]
+        blocks = sum(1 for i in range(lo, hi) if 2 <= i < 2 + cfg.num_layers)
+        extra = [name for i, name in ((0, "embeddings"), (len(specs) - 1, "LM head + loss")) if lo <= i < hi]
+        lines.append(f"  stage {stage}: {blocks} blocks{''.join(' + ' + e for e in extra)} | "
+                     f"{100 * sum(params[lo:hi]) / total_params:.1f}% of parameters, "
+                     f"{100 * sum(costs[lo:hi]) / sum(costs):.1f}% of compute")
+    return "\n".join(lines)
 
 
 def plain_name(pipe_name: str, cfg: ModelConfig) -> str:
@@ -92,12 +135,16 @@ def named_plain_parameters(module: nn.Module, cfg: ModelConfig) -> Iterator[tupl
         yield plain_name(name, cfg), p
 
 
-def build_pipeline(cfg: ModelConfig, grid: ProcessGrid, seed: int = 1234, checkpointed: bool = False):
-    """A deepspeed.pipe.PipelineModule for this rank's stage, initialised exactly like GPT(cfg, seed=seed)."""
+def build_pipeline(cfg: ModelConfig, grid: ProcessGrid, seed: int = 1234, checkpointed: bool = False,
+                   compiled: bool = False, seq_length: int | None = None):
+    """A deepspeed.pipe.PipelineModule for this rank's stage, initialised exactly like GPT(cfg, seed=seed);
+    stages are balanced by `layer_costs` at `seq_length` (default: max_position_embeddings)."""
     from deepspeed.pipe import PipelineModule
 
-    specs = layer_specs(cfg, grid.tp, checkpointed)
-    module = PipelineModule(layers=specs, topology=grid.topology, loss_fn=PipelineLoss(cfg.vocab_size, grid.tp),
-                            partition_method="type:Block", activation_checkpoint_interval=0)
+    class Pipeline(CostBalancedPipeline, PipelineModule):
+        costs = layer_costs(cfg, seq_length or cfg.max_position_embeddings, checkpointed)
+
+    module = Pipeline(layers=layer_specs(cfg, grid.tp, checkpointed, compiled), topology=grid.topology,
+                      loss_fn=PipelineLoss(), partition_method="cost", activation_checkpoint_interval=0)
     init_parameters(named_plain_parameters(module, cfg), cfg, grid.tp, seed)
     return module

@@ -53,7 +53,9 @@ def init_distributed(timeout_s: float = 600.0) -> None:
 
     cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
     if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # srun --gpus-per-task (or --gpu-bind) shows each task only its own GPUs, numbered from 0; unbound, a task
+        # sees the node's GPUs and its LOCAL_RANK is below their count, so this is LOCAL_RANK itself.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     else:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
@@ -65,6 +67,19 @@ def comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def uses_cuda() -> bool:
+    """Whether this process keeps state on the GPU (CUDA RNG streams, memory statistics, the device's peak).
+
+    Under a process group: exactly when its backend is NCCL, so a gloo process on a GPU machine (a CPU run, the
+    offline checkpoint writer's workers) never opens a CUDA context. Without one (single-process evaluation,
+    generation, analysis): when CUDA is available and DS_ACCELERATOR does not name another accelerator, the rule
+    init_distributed uses to pick NCCL.
+    """
+    if dist.is_initialized():
+        return dist.get_backend() == "nccl"
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
 
 
 class ProcessGrid:

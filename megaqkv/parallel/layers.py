@@ -47,12 +47,17 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+# Collectives run eagerly under torch.compile: a compiled block breaks its graph around them (TP > 1 only).
+_copy_eager = torch.compiler.disable(_CopyToTP.apply)
+_reduce_eager = torch.compiler.disable(_ReduceFromTP.apply)
+
+
 def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    return x if tp.size == 1 else _CopyToTP.apply(x, tp)
+    return x if tp.size == 1 else _copy_eager(x, tp)
 
 
 def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    return x if tp.size == 1 else _ReduceFromTP.apply(x, tp)
+    return x if tp.size == 1 else _reduce_eager(x, tp)
 
 
 def mark_sharded(param: nn.Parameter, dim: int) -> nn.Parameter:
@@ -173,45 +178,3 @@ def gather_vocab(logits: torch.Tensor, embedding: VocabParallelEmbedding) -> tor
     parts = [torch.empty_like(logits) for _ in range(tp.size)]
     dist.all_gather(parts, logits.contiguous(), group=tp.group)
     return torch.cat(parts, dim=-1)[..., :embedding.vocab_size]
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy over logits split by vocabulary, from three all-reduces of [tokens]-sized tensors."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, start, tp):
-        logits = logits.float()
-        row_max = logits.max(dim=-1).values
-        if tp.size > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp.group)
-        shifted = logits - row_max.unsqueeze(-1)
-        local = labels - start
-        outside = (local < 0) | (local >= logits.shape[-1])
-        local = local.masked_fill(outside, 0)
-        target = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        if tp.size > 1:
-            both = torch.stack([target, sum_exp])
-            dist.all_reduce(both, group=tp.group)
-            target, sum_exp = both[0], both[1]
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local, outside)
-        return sum_exp.log() - target
-
-    @staticmethod
-    def backward(ctx, grad):
-        softmax, local, outside = ctx.saved_tensors
-        grad_logits = softmax
-        inside = (~outside).to(softmax.dtype)
-        grad_logits.scatter_add_(-1, local.unsqueeze(-1), -inside.unsqueeze(-1))
-        return grad_logits.mul_(grad.unsqueeze(-1)), None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                                 tp: TPGroup) -> torch.Tensor:
-    """Per-token loss (fp32, shaped like labels) without ever gathering the full [tokens, vocab] logits.
-
-    `logits` is this rank's slice, columns [vocab_start, vocab_start + logits.shape[-1]).
-    """
-    return _VocabParallelCrossEntropy.apply(logits, labels, vocab_start, tp)

@@ -13,15 +13,22 @@ import torch.utils.checkpoint
 
 
 def _get_states() -> dict[str, torch.Tensor]:
+    """The CPU stream, and the CUDA one only in a process that runs on the GPU (grid.uses_cuda): reading it
+    would open a CUDA context on GPU 0 in a gloo process, e.g. each of the checkpoint writer's workers."""
+    from .grid import uses_cuda  # grid imports this module
+
     states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if uses_cuda():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def _set_states(states: dict[str, torch.Tensor]) -> None:
+    """A CUDA stream saved by a GPU run is kept in the state but not applied in a CPU process."""
+    from .grid import uses_cuda
+
     torch.set_rng_state(states["cpu"])
-    if "cuda" in states:
+    if "cuda" in states and uses_cuda():
         torch.cuda.set_rng_state(states["cuda"])
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..checkpoint import deepspeed_layout as layout
 from ..checkpoint.consolidated import CheckpointError
+from ..parallel.grid import uses_cuda
 
 LOCK = "megaqkv_run.lock"
 
@@ -46,15 +47,16 @@ def use_safe_loader(engine) -> None:
 
 
 def rng_state(tp_rng) -> dict:
+    """The RNG streams an exact resume needs; the CUDA one only where the run is on the GPU (uses_cuda)."""
     state = {"torch": torch.get_rng_state(), "tp": tp_rng.get_state()}
-    if torch.cuda.is_available():
+    if uses_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict, tp_rng) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and uses_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     tp_rng.set_state(state["tp"])
 

@@ -10,7 +10,7 @@ import torch
 
 from ..config import Config, ConfigError, TrainingConfig
 from ..model.pipeline import build_pipeline
-from ..parallel.grid import ProcessGrid
+from ..parallel.grid import ProcessGrid, uses_cuda
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero1_bf16.json"
@@ -136,6 +136,12 @@ def skip_steps_above(engine, optimizer: torch.optim.Optimizer, bound: float | No
     optimizer.step = step
 
 
+def compiled(cfg: Config) -> bool:
+    """`model.compile`, whose default (null) is on for CUDA runs and off for CPU runs: inductor's compile time
+    there (tens of seconds per graph) buys little over eager CPU kernels."""
+    return cfg.model.compile if cfg.model.compile is not None else uses_cuda()
+
+
 def build_engine(cfg: Config, grid: ProcessGrid, ds_config: str | Path | None = None, total_steps: int = 1):
     """The pipeline module of this rank's stage in a DeepSpeed PipelineEngine (any PP, including 1), with
     AdamW, the warmup/decay LR schedule and the large-gradient skip rule."""
@@ -146,8 +152,8 @@ def build_engine(cfg: Config, grid: ProcessGrid, ds_config: str | Path | None = 
     batch = derive_batch(cfg.training, grid.dp_size)
     ds = deepspeed_config(cfg, batch, *read_ds_config(ds_config))
     grid.seed(cfg.training.seed)
-    module = build_pipeline(cfg.model, grid, seed=cfg.training.seed,
-                            checkpointed=cfg.parallel.activation_checkpointing)
+    module = build_pipeline(cfg.model, grid, seed=cfg.training.seed, checkpointed=cfg.parallel.activation_checkpointing,
+                            compiled=compiled(cfg), seq_length=cfg.training.seq_length)
     optimizer = build_optimizer(module.named_parameters(), cfg.training)
     scheduler = build_scheduler(optimizer, cfg.training, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds, lr_scheduler=scheduler)

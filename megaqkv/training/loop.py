@@ -19,7 +19,7 @@ from ..checkpoint.engine_state import load_into_engine
 from ..config import Config, ConfigError
 from ..kernels.attention import kernels_text
 from ..model.attention import Attention
-from ..model.pipeline import PipelineLoss
+from ..model.pipeline import PipelineLoss, stage_summary
 from ..parallel.grid import ProcessGrid, comm_device
 from . import checkpointing
 from .data import build_datasets, eval_batches, step_batches
@@ -73,7 +73,7 @@ def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[flo
     added over micro-batches and DP ranks, then divided once, so the value does not depend on the layout."""
     module = engine.module
     train_loss = module.loss_fn
-    module.loss_fn = PipelineLoss(cfg.model.vocab_size, grid.tp, sums=True)
+    module.loss_fn = PipelineLoss(sums=True)
     engine.total_loss = None  # eval_batch adds into the last training loss, a scalar; ours is [sum, count]
     try:
         out = engine.eval_batch(iter(batches), reduce_output="avg", bcast_loss=False,
@@ -210,6 +210,8 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
     valid = eval_batches(valid_ds, valid_samples, t.micro_batch_size, grid.dp_size, grid.dp_rank, t.seq_length)
     engine = build_engine(cfg, grid, ds_config, total_steps=steps)
     checkpointing.use_safe_loader(engine)
+    if grid.pp_size > 1:
+        say(stage_summary(engine.module, cfg.model))
     m = cfg.model
     attention = next((mod for mod in engine.module.modules() if isinstance(mod, Attention)), None)
     if attention is not None:  # a pipeline stage may hold no block

@@ -18,6 +18,7 @@ import yaml
 
 from ..config import Config, ConfigError, load_config
 from ..data.indexed import DataError
+from ..parallel.launcher_env import launcher_rank, map_launcher_env
 from .data import check_data
 from .engine import deepspeed_config, derive_batch, read_ds_config
 
@@ -95,8 +96,11 @@ def configure(args) -> Config:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank0 = os.environ.get("RANK", "0") == "0"
+    rank0 = launcher_rank() == "0"
     try:
+        launched = map_launcher_env()  # srun/mpirun: before configure reads WORLD_SIZE
+        if launched and rank0:
+            print(launched, flush=True)
         cfg = configure(args)
     except (ConfigError, DataError) as exc:
         if rank0:
