@@ -183,13 +183,20 @@ def test_flash3_call_and_the_kernel_description(fake_gpu_kernels):
     ref = katt.causal_attention(fused, None, cols, backend="sdpa")
     assert fake_gpu_kernels == [True] and torch.equal(ours, ref)  # the tensor, not (out, lse)
     cfg = load_model_config(MODEL_CONFIGS / "300M_qmqa.yaml")  # projection 1152 wide, heads of 64
-    assert katt.describe_kernels(cfg, "cpu") == ("attention kernels: training and prefill flash-3 (attention_backend: "
+    like = torch.empty(0, dtype=torch.bfloat16)
+    text = katt.kernels_text(cfg.attention_backend, like, Columns.fused(AttentionLayout.of(cfg)), cfg.attention_dropout)
+    assert text == ("attention kernels: training and prefill flash-3 (attention_backend: "
                                                  "auto on cpu), decoding torch; LayerNorm: apex fused")
 
 
 def test_kernel_description_here():
+    from megaqkv.kernels.columns import Columns
+    from megaqkv.variants import AttentionLayout
+
     cfg = load_model_config(MODEL_CONFIGS / "300M_qkv.yaml")
-    assert katt.describe_kernels(cfg, torch.device("cpu"), torch.float32) == (
+    text = katt.kernels_text(cfg.attention_backend, torch.empty(0), Columns.fused(AttentionLayout.of(cfg)),
+                             cfg.attention_dropout)
+    assert text == (
         "attention kernels: training and prefill sdpa (attention_backend: auto on cpu), decoding torch; "
         "LayerNorm: torch")
 

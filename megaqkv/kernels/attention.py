@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..variants import AttentionLayout
 from .columns import Columns
 from .detect import flash3_attn_func, flash_attn_func, flash_runs_on, flash_version, passes_self_test, triton_runs_on
 from .norm import fused_layer_norm
@@ -134,9 +132,3 @@ def kernels_text(backend: str, like: torch.Tensor, cols: Columns, dropout_p: flo
             f"decoding {decode_backend(like, 1)}; LayerNorm: "
             f"{'apex fused' if fused_layer_norm(like) is not None else 'torch'}")
 
-
-def describe_kernels(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> str:
-    """kernels_text for a model of `cfg` whose tensors will be `dtype` on `device`, before any model exists:
-    Triton's self-test runs on the variant's unsharded layout (a TP rank's own shape may differ)."""
-    like = torch.empty(0, device=device, dtype=dtype)
-    return kernels_text(cfg.attention_backend, like, Columns.fused(AttentionLayout.of(cfg)), cfg.attention_dropout)
