@@ -150,8 +150,9 @@ def test_two_srun_style_processes_form_one_two_rank_job(tmp_path, slim_data):
 def fake_node(tmp_path):
     """launch.sh next to a probe pretrain.py (prints what each process got), fake nvidia-smi/deepspeed/python."""
     shutil.copy(REPO / "launch.sh", tmp_path / "launch.sh")
-    (tmp_path / "pretrain.py").write_text("import os, sys\nprint('probe', os.environ.get('RANK'), "
-                                          "os.environ.get('CUDA_VISIBLE_DEVICES'), sys.argv[-1], flush=True)\n")
+    # One write per line: with PYTHONUNBUFFERED a print() writes each piece apart, and two probes interleave.
+    (tmp_path / "pretrain.py").write_text("import os, sys\nos.write(1, f\"probe {os.environ.get('RANK')} "
+                                          "{os.environ.get('CUDA_VISIBLE_DEVICES')} {sys.argv[-1]}\\n\".encode())\n")
     fake = tmp_path / "fake"
     fake.mkdir()
     executable(fake / "nvidia-smi", '#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; done\n')
