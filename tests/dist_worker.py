@@ -329,6 +329,7 @@ SUITES = {
        ("train dp2 zero1 qmqa", train_scenario, dict(preset="qmqa", tp=1, pp=1)),
        ("train tp2 bf16 kv", train_scenario, dict(preset="kv", tp=2, pp=1, precision="bf16")),
        ("train dp2 bf16 qkv", train_scenario, dict(preset="qkv", tp=1, pp=1, precision="bf16")),
+       ("train pp2 bf16 qkv", train_scenario, dict(preset="qkv", tp=1, pp=2, precision="bf16")),
        ("rng tp2 dropout", rng_scenario, dict(tp=2)),
        ("grid error", grid_error_scenario, {}),
        ("eval tp2 kv", eval_scenario, dict(preset="kv", tp=2, pp=1)),

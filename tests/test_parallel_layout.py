@@ -7,6 +7,7 @@ import torch
 from megaqkv.analysis import main as analyze_main, per_rank_parameters
 from megaqkv.config import Config, ConfigError, TrainingConfig, load_config, load_model_config
 from megaqkv.model import GPT
+from megaqkv.model.pipeline import layer_costs, stage_bounds
 from megaqkv.parallel.grid import TPGroup
 from megaqkv.parallel.layers import padded_vocab_size
 from megaqkv.parallel.sharding import canonical_from_shards, canonical_shapes, shard_from_canonical
@@ -150,3 +151,17 @@ def test_deepspeed_config(tmp_path):
         read_ds_config(broken)
     with pytest.raises(ConfigError, match="DeepSpeed config not found"):
         read_ds_config(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("scale, pp, blocks", [
+    ("300M", 2, [12, 8]),  # the head and loss weigh about 3.5 blocks: the last stage gets fewer
+    ("300M", 4, [6, 6, 6, 2]),
+    ("tiny", 2, [1, 1]),  # the head outweighs both blocks; still a block on each stage, never the head alone
+    ("tiny", 1, [2]),
+])
+def test_pipeline_stages_balance_compute_and_each_holds_a_block(scale, pp, blocks):
+    cfg = load_model_config(MODEL_CONFIGS / f"{scale}_kv.yaml")
+    costs = layer_costs(cfg, cfg.max_position_embeddings)
+    bounds = stage_bounds(costs, cfg.num_layers, pp)
+    assert bounds[0] == 0 and bounds[-1] == len(costs) == cfg.num_layers + 4
+    assert [min(hi, 2 + cfg.num_layers) - max(lo, 2) for lo, hi in zip(bounds, bounds[1:])] == blocks

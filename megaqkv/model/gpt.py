@@ -93,10 +93,12 @@ def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None, mean: bo
     return mask / mask.sum().clamp(min=1.0) if mean else mask
 
 
-def head_loss(head: VocabParallelEmbedding, hidden: torch.Tensor, labels: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
-    """Σ weights · cross-entropy of the (tied or untied, vocab-parallel) head, fused: no [tokens, vocab] tensor."""
-    return linear_cross_entropy(hidden, head.weight, labels, weights, head.start, head.valid, head.tp)
+def head_loss(head: VocabParallelEmbedding, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ weights · cross-entropy of the (tied or untied, vocab-parallel) head, fused: no [tokens, vocab] tensor.
+    `weight`: the head's weight as the pipeline's last layer hands it on (default: head.weight)."""
+    return linear_cross_entropy(hidden, head.weight if weight is None else weight, labels, weights, head.start,
+                                head.valid, head.tp)
 
 
 class GPTOutput(NamedTuple):

@@ -24,13 +24,19 @@ class LMHead(VocabParallelEmbedding):
 
 
 def head_inputs(head: VocabParallelEmbedding, hidden: torch.Tensor):
-    """The last layer hands the loss the final hidden states and the head itself: the fused loss computes the
-    logits block by block (`kernels.cross_entropy`), so no layer ever returns [tokens, vocab] logits."""
-    return hidden, head
+    """The last layer hands the loss the final hidden states, the head's weight and the head (its vocabulary
+    slice): the fused loss computes the logits block by block (`kernels.cross_entropy`), so no layer ever
+    returns [tokens, vocab] logits.
+
+    The weight leaves as a tensor output (an alias), not only inside the module: DeepSpeed runs its backward
+    prologue from hooks on a layer's outputs, and the bf16 optimizer's prologue zeroes the gradients. A weight
+    reached only from outside the outputs would take the loss's gradient before that prologue and lose it: at
+    PP=2 in bf16 the LM head's gradient vanished (gradient norm 5.6% low; bench/gpu_check.sh found it)."""
+    return hidden, head.weight.view_as(head.weight), head
 
 
 class PipelineLoss:
-    """Loss of the last stage, from (hidden, head); labels arrive as a tensor or as (labels, loss_mask).
+    """Loss of the last stage, from (hidden, head weight, head); labels arrive as a tensor or as (labels, loss_mask).
 
     `sums=True` returns [sum of token losses, token count] instead of the mean, so that evaluation can
     weight every token equally across micro-batches and ranks.
@@ -41,9 +47,10 @@ class PipelineLoss:
         self.__name__ = "fused vocab-parallel linear cross-entropy"
 
     def __call__(self, outputs, labels) -> torch.Tensor:
-        (hidden, head), (labels, loss_mask) = outputs, labels if isinstance(labels, (tuple, list)) else (labels, None)
+        (hidden, weight, head), (labels, loss_mask) = outputs, labels if isinstance(labels, (tuple, list)) else (
+            labels, None)
         weights = token_weights(labels, loss_mask, mean=not self.sums)
-        loss = head_loss(head, hidden, labels, weights)
+        loss = head_loss(head, hidden, labels, weights, weight)
         return torch.stack([loss, weights.sum()]) if self.sums else loss
 
 
@@ -71,17 +78,32 @@ def layer_costs(cfg: ModelConfig, seq_length: int, checkpointed: bool = False) -
     return [0, 0] + [block] * cfg.num_layers + [0, 3 * head_macs(cfg, seq_length)]
 
 
+def stage_bounds(costs: list[int], num_layers: int, stages: int) -> list[int]:
+    """Layer-spec index where each stage starts, and the end: stages of equal estimated compute (`layer_costs`)
+    that each hold at least one block. The embeddings go with the first block and the final LayerNorm and head
+    with the last, so no stage is the head alone: such a stage does no useful work, and its only parameter, the
+    tied embedding, is counted on the first stage, which left DeepSpeed's bf16 optimizer no gradient to take a
+    norm of. DeepSpeed's own balancer (`partition_balanced`) splits the blocks."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    blocks = costs[2:2 + num_layers]
+    blocks[0] += sum(costs[:2])
+    blocks[-1] += sum(costs[2 + num_layers:])
+    parts = [int(p) for p in partition_balanced(weights=blocks, num_parts=stages)]
+    if any(hi <= lo for lo, hi in zip(parts, parts[1:])):  # the balancer left a stage empty: equal block counts
+        parts = [num_layers * i // stages for i in range(stages + 1)]
+    return [0] + [2 + p for p in parts[1:-1]] + [len(costs)]
+
+
 class CostBalancedPipeline:
-    """Mixin for deepspeed.pipe.PipelineModule: `partition_method="cost"` splits the layers so that stages
-    carry equal estimated compute (`layer_costs`), not equal block counts: the last stage also runs the LM
-    head and loss, so it gets fewer blocks. DeepSpeed's own balancer (`partition_balanced`) does the split."""
+    """Mixin for deepspeed.pipe.PipelineModule: `partition_method="cost"` splits the layers by `stage_bounds`,
+    so that stages carry equal estimated compute, not equal block counts: the last stage also runs the LM head
+    and loss, so it gets fewer blocks."""
 
     def _partition_layers(self, method="uniform"):
         if method != "cost":
             return super()._partition_layers(method)
-        from deepspeed.runtime.utils import partition_balanced
-
-        self.parts = partition_balanced(weights=self.costs, num_parts=self.num_stages)
+        self.parts = stage_bounds(self.costs, self.num_blocks, self.num_stages)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
@@ -143,6 +165,7 @@ def build_pipeline(cfg: ModelConfig, grid: ProcessGrid, seed: int = 1234, checkp
 
     class Pipeline(CostBalancedPipeline, PipelineModule):
         costs = layer_costs(cfg, seq_length or cfg.max_position_embeddings, checkpointed)
+        num_blocks = cfg.num_layers
 
     module = Pipeline(layers=layer_specs(cfg, grid.tp, checkpointed, compiled), topology=grid.topology,
                       loss_fn=PipelineLoss(), partition_method="cost", activation_checkpoint_interval=0)
