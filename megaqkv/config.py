@@ -59,7 +59,8 @@ class ModelConfig:
     bias: bool = True
     tie_embeddings: bool = True
     init_std: float = 0.02
-    attention_backend: Literal["auto", "sdpa", "flash", "triton"] = "auto"
+    # math: SDPA's reference kernel only (slow; the exact baseline of bench/gpu_check.sh)
+    attention_backend: Literal["auto", "sdpa", "flash", "triton", "math"] = "auto"
     # torch.compile each block in training (fused LayerNorm, bias + GELU, bias + dropout + residual);
     # null: on for CUDA runs, off for CPU runs.
     compile: typing.Optional[bool] = None
@@ -230,6 +231,7 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    save: bool = True  # false: no checkpoint is written or resumed (benchmarks, checks); no run lock either
     dir: typing.Optional[str] = None  # default: checkpoints/<model config name>
     interval: int = 1000  # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_last: int = 3  # complete checkpoints kept (0: keep all)
@@ -240,6 +242,9 @@ class CheckpointConfig:
         for key in ("interval", "keep_last"):
             if getattr(self, key) < 0:
                 raise FieldError(prefix + key, "must not be negative")
+        if not self.save and self.dir:
+            raise FieldError(prefix + "dir", f"{self.dir} is given, but checkpoint.save is false, so nothing would "
+                                             "be written there or resumed from it; drop one of the two")
 
 
 @dataclass

@@ -92,6 +92,8 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(path, overrides=["model.num_heads.x=1"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(path, overrides=["model.num_heads=[1]"])
+    with pytest.raises(ConfigError, match=r"checkpoint.dir: out is given, but checkpoint.save is false"):
+        load_config(path, overrides=["checkpoint.save=false", "checkpoint.dir=out"])
 
 
 def test_plain_data_round_trip(tmp_path):

@@ -104,14 +104,17 @@ def small(preset, backend="sdpa"):
                 attention_backend=backend).train()
 
 
+@pytest.mark.parametrize("backend", ["triton", "math"])
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_triton_backend_equals_sdpa_in_the_model(preset):
-    """Loss, logits and every gradient (the fused in_proj's included) of the Triton backend equal SDPA's, at a
-    sequence length that is not a multiple of any tile."""
-    pytest.importorskip("triton")
+def test_backend_equals_sdpa_in_the_model(preset, backend):
+    """Loss, logits and every gradient (the fused in_proj's included) of the Triton backend, and of SDPA's
+    reference kernel (`math`, gpu_check's baseline), equal SDPA's, at a sequence length that is not a multiple
+    of any tile."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     tokens = torch.randint(0, 1000, (2, 19), generator=torch.Generator().manual_seed(2))
     runs = []
-    for backend in ("sdpa", "triton"):
+    for backend in ("sdpa", backend):
         model = small(preset, backend)
         out = model(tokens, labels=tokens, logits=True)
         out.loss.backward()

@@ -223,3 +223,5 @@ def test_cut_metrics_drops_later_rows_and_a_torn_line(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "tra')
     cut_metrics(path, 2)
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+    cut_metrics(path, 0)  # a run that starts from step 0 in the same directory
+    assert path.read_text() == ""

@@ -1,14 +1,18 @@
 """Causal attention for training and prefill, read straight from the projection output.
 
 Backends: `triton` (ours: a GQA/MQA or K=V tile loaded once per KV group for both products, one fused
-gradient written), `flash` (FlashAttention-3 on Hopper when importable, else FlashAttention-2) and `sdpa`
-(PyTorch). `auto` takes the first that runs here from AUTO (docs/kernels.md keeps the measurements behind
-that order).
+gradient written), `flash` (FlashAttention-3 on Hopper when importable, else FlashAttention-2), `sdpa`
+(PyTorch) and `math` (SDPA restricted to PyTorch's reference kernel: the slow, exact baseline that
+bench/gpu_check.sh compares the fast kernels' losses with). `auto` takes the first that runs here from AUTO
+(docs/kernels.md keeps the measurements behind that order).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .columns import Columns
 from .detect import flash3_attn_func, flash_attn_func, flash_runs_on, flash_version, passes_self_test, triton_runs_on
@@ -68,7 +72,7 @@ def choose_backend(requested: str, t: torch.Tensor, head_dim: int, dropout_p: fl
            ("flash-attn is not importable (pip install 'megaqkv[flash]')" if flash_version(t, dropout_p) is None
             else f"flash-attn needs CUDA fp16/bf16 tensors with head_dim <= 256 (got {t.device.type} {t.dtype}, "
                  f"head_dim {head_dim})"),
-           "sdpa": None}
+           "sdpa": None, "math": None}
     if requested != "auto":
         if why[requested]:
             raise RuntimeError(f"attention_backend is '{requested}' but {why[requested]}; "
@@ -114,9 +118,10 @@ def causal_attention(q_src: torch.Tensor, kv_src: torch.Tensor | None, cols: Col
             q, k, v, causal=True, **({} if fa3 else {"dropout_p": dropout_p}))
         return out[0] if isinstance(out, tuple) else out  # some FA3 releases return (out, softmax_lse)
     mask = None if padding is None else padding.mask(q.shape[1])
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
-                                         enable_gqa=k.shape[2] != q.shape[2])
+    with sdpa_kernel(SDPBackend.MATH) if name == "math" else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None,
+                                             enable_gqa=k.shape[2] != q.shape[2])
     return out.transpose(1, 2)
 
 

@@ -160,13 +160,14 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
 
 
 def cut_metrics(path: Path, step: int) -> None:
-    """Drop the rows a killed run logged after the step it is resumed from, so every step appears once."""
+    """Drop the rows a killed run logged after the step it is resumed from, so every step appears once; a run
+    from step 0 keeps none (an earlier run's rows in the same directory would read as this run's)."""
     if not path.is_file():
         return
     rows = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            if step and json.loads(line)["step"] <= step:
                 rows.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short when the run was killed
@@ -225,7 +226,7 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
         say(f"nothing to do: the checkpoint is at step {engine.global_steps} of {steps}")
         return {"step": engine.global_steps, "reason": "already finished", "train": [], "valid": []}
     metrics_file = Path(cfg.logging.tensorboard_dir) / "metrics.jsonl" if cfg.logging.tensorboard_dir else None
-    if is_writer and metrics_file and engine.global_steps:
+    if is_writer and metrics_file:
         cut_metrics(metrics_file, engine.global_steps)
     universal_info = checkpointing.universal_checkpoint_info(cfg, grid.tp_size)
     monitor = Monitor(cfg, dist.get_world_size(), is_writer, steps, log, first_step=engine.global_steps + 1)

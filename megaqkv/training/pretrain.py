@@ -47,9 +47,9 @@ def resolve(cfg: Config, world_size: int, model_config: Path) -> None:
     t.global_batch_size, t.gradient_accumulation_steps = batch.global_batch_size, batch.gradient_accumulation_steps
     if not t.train_tokens and not t.train_steps:
         raise ConfigError("training: set training.train_tokens (the paper: 10,000,000,000) or training.train_steps")
-    if cfg.checkpoint.dir is None:
+    if cfg.checkpoint.save and cfg.checkpoint.dir is None:
         cfg.checkpoint.dir = str(Path("checkpoints") / model_config.stem)
-    if cfg.logging.tensorboard_dir is None:
+    if cfg.logging.tensorboard_dir is None and cfg.checkpoint.dir:
         cfg.logging.tensorboard_dir = str(Path(cfg.checkpoint.dir) / "tensorboard")
 
 
