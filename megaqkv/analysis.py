@@ -123,6 +123,21 @@ def per_rank_parameters(cfg: ModelConfig, tp: int) -> dict:
             "vocab_padding": padding, "duplicated": tp * per_rank - total_parameters(cfg) - padding}
 
 
+def sequence_exchange(cfg: ModelConfig, sp: int, seq_len: int, tp: int = 1, bytes_per_element: int = 2) -> dict:
+    """Bytes one rank sends to the other sequence-parallel ranks per layer for one sequence of `seq_len` tokens,
+    forward and backward: the all-to-all of the projection output (only the rows the variant has) and of the
+    attention output (`parallel.sequence`)."""
+    try:
+        check_parallel_fits_model(cfg, tp, 1, sp=sp)
+    except FieldError as exc:
+        raise ConfigError(f"--sp {sp}: {exc.message}") from None
+    if seq_len % sp:
+        raise ConfigError(f"--sp {sp}: the sequence length {seq_len} is not divisible by it")
+    local = AttentionLayout.of(cfg).tensor_split(tp)
+    projection, output = (2 * bytes_per_element * n for n in local.sequence_exchange_elements(sp, seq_len // sp))
+    return {"sp": sp, "tp": tp, "seq_len": seq_len, "projection_bytes": projection, "output_bytes": output}
+
+
 def _change(reduction: float, digits: int) -> str:
     value = -100 * reduction
     return f"{0.0 if abs(value) < 0.5 * 10 ** -digits else value:.{digits}f}%"
@@ -159,6 +174,15 @@ def per_rank_table(ranks: list[dict]) -> tuple[str, list[str], list[list[str]]]:
             [[r["config"], str(r["tp"]), f"{r['per_rank']:,}", f"{r['sharded']:,}", f"{r['replicated_kv']:,}",
               f"{r['replicated_other']:,}", f"{r['vocab_padding']:,}", f"{r['duplicated']:,}",
               " ".join(f"{k}:{v}" for k, v in r["attention_rows_per_rank"].items())] for r in ranks])
+
+
+def sequence_table(rows: list[dict]) -> tuple[str, list[str], list[list[str]]]:
+    base = {(r["sp"], r["tp"], r["seq_len"]): r["projection_bytes"] for r in rows if r["variant"] == "QKV"}
+    return ("Sequence parallelism: bytes one rank sends per layer per sequence, forward + backward (bf16)",
+            ["config", "variant", "SP", "TP", "seq", "q/k/v exchange", "vs QKV", "output exchange"],
+            [[r["config"], r["variant"], str(r["sp"]), str(r["tp"]), str(r["seq_len"]), _bytes(r["projection_bytes"]),
+              f"{r['projection_bytes'] / base[r['sp'], r['tp'], r['seq_len']]:.3f}×"
+              if (r["sp"], r["tp"], r["seq_len"]) in base else "–", _bytes(r["output_bytes"])] for r in rows])
 
 
 def render(title: str, header: list[str], body: list[list[str]], markdown: bool) -> str:
@@ -199,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=32768, help="context length for the KV-cache column")
     parser.add_argument("--tp", type=int, nargs="+", default=[],
                         help="also show what one tensor-parallel rank holds at these TP sizes")
+    parser.add_argument("--sp", type=int, nargs="+", default=[],
+                        help="also show the bytes sequence parallelism exchanges at these SP sizes (at the longest "
+                             "--seq-lens, TP 1 or each --tp)")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--markdown", action="store_true", help="markdown tables")
@@ -208,14 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs = [(p.stem, load_model_config(p)) for p in paths]
         rows = [analyze(cfg, name, args.seq_lens, args.context) for name, cfg in configs]
         ranks = [{**per_rank_parameters(cfg, tp), "config": name} for tp in args.tp for name, cfg in configs]
+        exchange = [{**sequence_exchange(cfg, sp, max(args.seq_lens), tp), "config": name,
+                     "variant": paper_name(cfg.sharing, cfg.num_heads, cfg.kv_heads)}
+                    for sp in args.sp for tp in args.tp or [1] for name, cfg in configs]
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"conventions": CONVENTION_NOTE, "rows": rows, "per_rank": ranks}, indent=2))
+        print(json.dumps({"conventions": CONVENTION_NOTE, "rows": rows, "per_rank": ranks,
+                          "sequence_parallel": exchange}, indent=2))
         return 0
     sep = "\n\n"
-    blocks = tables(rows, args.seq_lens, args.context) + ([per_rank_table(ranks)] if ranks else [])
+    blocks = (tables(rows, args.seq_lens, args.context) + ([per_rank_table(ranks)] if ranks else [])
+              + ([sequence_table(exchange)] if exchange else []))
     print(sep.join(render(*t, markdown=args.markdown) for t in blocks))
     print(sep + CONVENTION_NOTE)
     return 0

@@ -116,16 +116,29 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
+    # Sequence parallelism (DeepSpeed-Ulysses): each of sp ranks holds a contiguous slice of every sample, and
+    # attention exchanges heads for positions; between TP and DP in the rank order.
+    sp: int = 1
     activation_checkpointing: bool = False  # recompute each block in backward
     # A collective that waits longer raises, so a stopped rank ends the job instead of hanging it.
     collective_timeout_s: float = 600.0
 
     def validate(self, prefix: str = "parallel.") -> None:
-        for key in ("tp", "pp"):
+        for key in ("tp", "pp", "sp"):
             if getattr(self, key) < 1:
                 raise FieldError(prefix + key, f"must be at least 1, got {getattr(self, key)}")
         if self.collective_timeout_s <= 0:
             raise FieldError(prefix + "collective_timeout_s", f"must be positive, got {self.collective_timeout_s}")
+
+    def data_parallel_size(self, world: int) -> int:
+        """DP of `world` processes (world = TP × SP × PP × DP); a layout that does not fit is a ConfigError."""
+        axes = {"tp": self.tp, "sp": self.sp, "pp": self.pp} if self.sp > 1 else {"tp": self.tp, "pp": self.pp}
+        size = self.tp * self.sp * self.pp
+        if world % size:
+            raise ConfigError(f"{' × '.join(f'parallel.{k}={v}' for k, v in axes.items())} = {size} does not divide "
+                              f"the {world} launched processes; launch a multiple of {size} processes or change "
+                              f"{'/'.join(axes)}")
+        return world // size
 
 
 @dataclass
@@ -273,21 +286,29 @@ class Config:
     def validate(self, prefix: str = "") -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).validate(prefix + section.name + ".")
-        check_parallel_fits_model(self.model, self.parallel.tp, self.parallel.pp, prefix + "parallel.")
+        check_parallel_fits_model(self.model, self.parallel.tp, self.parallel.pp, prefix + "parallel.",
+                                  self.parallel.sp)
         if self.training.seq_length is None:
             self.training.seq_length = self.model.max_position_embeddings
         if self.training.seq_length > self.model.max_position_embeddings:
             raise FieldError(prefix + "training.seq_length",
                               f"{self.training.seq_length} exceeds model.max_position_embeddings="
                               f"{self.model.max_position_embeddings}")
+        if self.training.seq_length % self.parallel.sp:
+            sp = self.parallel.sp
+            raise FieldError(prefix + "training.seq_length",
+                             f"{self.training.seq_length} is not divisible by parallel.sp={sp}: each sequence-parallel "
+                             f"rank holds an equal slice; use {self.training.seq_length // sp * sp} or "
+                             f"{(self.training.seq_length // sp + 1) * sp}")
 
     def to_dict(self) -> dict:
         """Plain data (no dataclasses), safe to store in checkpoints and YAML."""
         return dataclasses.asdict(self)
 
 
-def check_parallel_fits_model(model: ModelConfig, tp: int, pp: int, prefix: str = "parallel.") -> None:
-    """TP splits whole query heads and whole KV groups (or replicates KV heads when there are fewer than TP)."""
+def check_parallel_fits_model(model: ModelConfig, tp: int, pp: int, prefix: str = "parallel.", sp: int = 1) -> None:
+    """TP splits whole query heads and whole KV groups (or replicates KV heads when there are fewer than TP); SP
+    then splits each TP rank's query heads, and its KV heads the same way (or sends each rank its group's)."""
     n, g = model.num_heads, model.kv_heads
     if n % tp:
         raise FieldError(prefix + "tp", f"tensor parallel size {tp} must divide num_heads={n}; "
@@ -301,6 +322,15 @@ def check_parallel_fits_model(model: ModelConfig, tp: int, pp: int, prefix: str 
                                         f"{model.ffn_hidden_size} (the MLP is split by columns)")
     if pp > model.num_layers:
         raise FieldError(prefix + "pp", f"pipeline size {pp} exceeds num_layers={model.num_layers}")
+    heads, kv = n // tp, max(g // tp, 1)  # per TP rank (KV heads replicated when fewer than TP ranks)
+    if heads % sp:
+        raise FieldError(prefix + "sp", f"sequence parallel size {sp} must divide the {heads} query heads of each "
+                                        f"TP rank (num_heads={n} / tp={tp}); use one of "
+                                        f"{[s for s in _divisors(heads) if kv % s == 0 or s % kv == 0]}")
+    if kv % sp and sp % kv:
+        raise FieldError(prefix + "sp", f"sequence parallel size {sp} must divide the {kv} KV heads of each TP rank "
+                                        f"or be a multiple of them (then each rank receives its group's); use one of "
+                                        f"{[s for s in _divisors(heads) if kv % s == 0 or s % kv == 0]}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -118,6 +118,38 @@ class AttentionLayout:
         """Per layer: K and V heads stored for one token (one tensor when K=V)."""
         return self.kv_head_tensors() * self.num_kv_heads * self.head_dim * bytes_per_element
 
+    def tensor_split(self, tp: int) -> "AttentionLayout":
+        """What one of `tp` tensor-parallel ranks holds: whole KV groups, or with fewer KV heads than ranks its
+        query heads and the (replicated) one group they read."""
+        return AttentionLayout(self.sharing, self.num_heads // tp, max(self.num_kv_heads // tp, 1), self.head_dim)
+
+    def sequence_split(self, sp: int) -> tuple["AttentionLayout", list[int] | None]:
+        """Ulysses sequence parallelism over `sp` ranks of this (TP-local) layout: the layout each rank attends
+        with after the all-to-all of the projection output, and the columns sent to each destination in turn
+        (None: consecutive blocks of whole KV groups, a plain split). Only the rows the variant has travel: K=V
+        sends [q, kv] per group, Q=K=V one tensor. With fewer KV groups than ranks (sp a multiple of them), each
+        destination gets its query heads and a copy of their group's key/value columns, once per rank pair."""
+        n, g, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if g % sp == 0:
+            return AttentionLayout(self.sharing, n // sp, g // sp, d), None
+        heads = n // sp
+        block = self.slots_per_group * d
+        kv_slots = sorted({self.k_slot, self.v_slot})
+        columns = []
+        for first in range(0, n, heads):
+            group, within = divmod(first, self.q_per_group)
+            base = group * block
+            columns += range(base + within * d, base + (within + heads) * d)
+            columns += [base + slot * d + c for slot in kv_slots for c in range(d)]
+        return AttentionLayout(self.sharing, heads, 1, d), columns
+
+    def sequence_exchange_elements(self, sp: int, tokens: int) -> tuple[int, int]:
+        """Elements one rank sends to the other SP ranks in one layer's forward for `tokens` positions of its
+        slice: (the projection output's all-to-all, the attention output's all-to-all back). Backward sends the
+        same again (the gradients)."""
+        dest, _ = self.sequence_split(sp)
+        return (sp - 1) * tokens * dest.rows, (sp - 1) * tokens * dest.num_heads * self.head_dim
+
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2) -> int:
     """Whole-model KV cache for one token of context."""

@@ -30,6 +30,7 @@ from megaqkv.training.engine import build_engine  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 SEED, VOCAB, SEQ = 7, 1000, 16  # vocab 1000 is not a multiple of 128·TP, so padding is exercised
+SP_PRESETS = ("qkv", "kv", "gqa4", "qmqa", "k")
 
 
 def model_cfg(preset: str, **changes):
@@ -65,17 +66,34 @@ def replica_drift(module, cfg, grid) -> float:
     return max_over_world(drift)
 
 
-def grad_scenario(preset: str, tp: int, pp: int = 1) -> dict:
-    """Loss and every gathered gradient of the TP pipeline module vs the TP=1 model (PP=1 here)."""
+def positions(t: torch.Tensor, grid: ProcessGrid) -> torch.Tensor:
+    """This SP rank's slice of the positions of [batch, seq] `t` (what training/data.collate hands it)."""
+    n = t.shape[1] // grid.sp_size
+    return t[:, grid.sp_rank * n:(grid.sp_rank + 1) * n]
+
+
+def sp_mean(t: torch.Tensor, grid: ProcessGrid) -> torch.Tensor:
+    """The mean over the SP ranks, which DeepSpeed's average over its data axis takes in training."""
+    if grid.sp_size > 1:
+        t = t.detach().clone()
+        dist.all_reduce(t, group=grid.sp.group)
+        t /= grid.sp_size
+    return t
+
+
+def grad_scenario(preset: str, tp: int, pp: int = 1, sp: int = 1) -> dict:
+    """Loss and every gathered gradient of the TP (and SP) pipeline module vs the TP=1 model (PP=1 here)."""
     cfg = model_cfg(preset)
-    grid = ProcessGrid(tp, pp)
+    grid = ProcessGrid(tp, pp, sp)
     module = build_pipeline(cfg, grid, seed=SEED)
-    tokens, labels, mask = batch(3, seed=11)
+    tokens, labels, mask = (positions(t, grid) for t in batch(3, seed=11))
     loss = module.loss_fn(module(tokens), (labels, mask))
     loss.backward()
-    grads = gather_canonical({n: p.grad for n, p in named_plain_parameters(module, cfg)}, cfg, grid.tp)
+    loss = sp_mean(loss, grid)
+    grads = gather_canonical({n: sp_mean(p.grad, grid) for n, p in named_plain_parameters(module, cfg)}, cfg,
+                             grid.tp)
     ref = GPT(cfg, seed=SEED)
-    ref_loss = ref(tokens, labels, mask).loss
+    ref_loss = ref(*batch(3, seed=11)).loss
     ref_loss.backward()
     ref_grads = gather_canonical({n: p.grad for n, p in ref.named_parameters()}, cfg, SINGLE)
     assert grads.keys() == ref_grads.keys(), sorted(set(grads) ^ set(ref_grads))
@@ -139,19 +157,20 @@ def reference_training(preset: str, micro: int, steps: int, global_batch: int, l
 
 def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro: int = 2, steps: int = 4,
                    global_batch: int = 8, lr: float = 3e-3, clip: float = 1.0, wd: float = 0.1,
-                   checkpointing: bool = False, compile: bool = False) -> dict:
+                   checkpointing: bool = False, compile: bool = False, sp: int = 1) -> dict:
     """Losses, gradient norms and final parameters of a DeepSpeed PipelineEngine run vs the reference."""
-    cfg = Config(model=model_cfg(preset, compile=compile), parallel=ParallelConfig(tp=tp, pp=pp, activation_checkpointing=checkpointing),
+    cfg = Config(model=model_cfg(preset, compile=compile),
+                 parallel=ParallelConfig(tp=tp, pp=pp, sp=sp, activation_checkpointing=checkpointing),
                  training=TrainingConfig(micro_batch_size=micro, global_batch_size=global_batch, seq_length=SEQ,
                                          precision=precision, lr=lr, weight_decay=wd, grad_clip=clip, seed=SEED,
                                          lr_schedule="constant", warmup_steps=0))
     cfg.validate()
-    grid = ProcessGrid(tp, pp)
+    grid = ProcessGrid(tp, pp, sp)
     engine = build_engine(cfg, grid)
     gas = engine.gradient_accumulation_steps()
     losses, norms = [], []
     for step in range(steps):
-        tokens, labels, mask = batch(global_batch, seed=1000 + step)
+        tokens, labels, mask = (positions(t, grid) for t in batch(global_batch, seed=1000 + step))
         mine = range(grid.dp_rank * gas * micro, (grid.dp_rank + 1) * gas * micro, micro)
         data = iter([(tokens[s:s + micro], (labels[s:s + micro], mask[s:s + micro])) for s in mine])
         losses.append(engine.train_batch(data).item())
@@ -230,6 +249,29 @@ def eval_scenario(preset: str, tp: int, pp: int) -> dict:
             count += mask.sum().item()
     return {"loss": loss, "ref_loss": total / count, "loss_diff": max_over_world(abs(loss - total / count)),
             "tokens": tokens, "ref_tokens": int(count)}
+
+
+def sp_bytes_scenario(sp: int, seq: int = 64) -> dict:
+    """Bytes the sequence-parallel exchanges of one 300M-shaped attention layer send (counted in
+    parallel.sequence) for every preset, forward and backward, vs analysis.sequence_exchange (fp32: 4 bytes)."""
+    from megaqkv.analysis import sequence_exchange
+    from megaqkv.model.attention import Attention
+    from megaqkv.parallel import sequence
+
+    grid = ProcessGrid(1, 1, sp)
+    out = {}
+    for preset in ("qkv", "qk", "kv", "k", "gqa4", "gqa8", "mqa", "qgqa4", "qgqa8", "qmqa"):
+        cfg = dataclasses.replace(load_model_config(CONFIGS / f"300M_{preset}.yaml"), hidden_dropout=0.0)
+        attn = Attention(cfg, sp=grid.sp)
+        for prm in attn.parameters():
+            torch.nn.init.normal_(prm, std=0.02)
+        x = torch.randn(1, seq // sp, cfg.hidden_size, generator=torch.Generator().manual_seed(grid.sp_rank))
+        sequence.reset_sent()
+        attn(x).square().sum().backward()
+        formula = sequence_exchange(cfg, sp, seq, bytes_per_element=4)
+        out[preset] = {"measured": dict(sequence.SENT),
+                       "formula": {"projection": formula["projection_bytes"], "output": formula["output_bytes"]}}
+    return {"presets": out}
 
 
 def skip_scenario() -> dict:
@@ -317,6 +359,7 @@ SUITES = {
     # two processes: TP=2 for every preset (K/V replicated for MQA and Q-MQA), PP=2, DP=2 with ZeRO-1, bf16
     "world2": [(f"grad tp2 {p}", grad_scenario, dict(preset=p, tp=2))
                for p in ("qkv", "qk", "kv", "k", "gqa4", "gqa8", "mqa", "qgqa4", "qgqa8", "qmqa")]
+    + [(f"grad sp2 {p}", grad_scenario, dict(preset=p, tp=1, sp=2)) for p in SP_PRESETS]
     + [(f"fused loss tp2 vocab {v} block {b}", fused_loss_scenario, dict(vocab=v, block=b))
        for v, b in ((1000, 5), (100, 23))]
     + [("train tp2 kv", train_scenario, dict(preset="kv", tp=2, pp=1)),
@@ -330,6 +373,8 @@ SUITES = {
        ("train tp2 bf16 kv", train_scenario, dict(preset="kv", tp=2, pp=1, precision="bf16")),
        ("train dp2 bf16 qkv", train_scenario, dict(preset="qkv", tp=1, pp=1, precision="bf16")),
        ("train pp2 bf16 qkv", train_scenario, dict(preset="qkv", tp=1, pp=2, precision="bf16")),
+       ("train sp2 kv", train_scenario, dict(preset="kv", tp=1, pp=1, sp=2)),
+       ("train sp2 qmqa", train_scenario, dict(preset="qmqa", tp=1, pp=1, sp=2)),
        ("rng tp2 dropout", rng_scenario, dict(tp=2)),
        ("grid error", grid_error_scenario, {}),
        ("eval tp2 kv", eval_scenario, dict(preset="kv", tp=2, pp=1)),
@@ -346,7 +391,14 @@ SUITES = {
        ("train tp2xdp2 zero1 gqa4", train_scenario, dict(preset="gqa4", tp=2, pp=1)),
        ("train pp2xdp2 zero1 kv", train_scenario, dict(preset="kv", tp=1, pp=2)),
        ("train tp4 mqa", train_scenario, dict(preset="mqa", tp=4, pp=1)),
-       ("eval tp2xpp2 gqa4", eval_scenario, dict(preset="gqa4", tp=2, pp=2))],
+       ("eval tp2xpp2 gqa4", eval_scenario, dict(preset="gqa4", tp=2, pp=2))]
+    # sequence parallelism: SP=2×TP=2 and SP=4 (more ranks than Q-MQA's one KV head: each gets a copy of it),
+    # SP=2×PP=2 through the DeepSpeed pipeline engine, and the bytes of the exchanges at SP=4
+    + [(f"grad sp2xtp2 {p}", grad_scenario, dict(preset=p, tp=2, sp=2)) for p in SP_PRESETS]
+    + [(f"grad sp4 {p}", grad_scenario, dict(preset=p, tp=1, sp=4)) for p in SP_PRESETS]
+    + [(f"train sp2xpp2 {p}", train_scenario, dict(preset=p, tp=1, pp=2, sp=2)) for p in SP_PRESETS]
+    + [("train sp2xtp2 qmqa", train_scenario, dict(preset="qmqa", tp=2, pp=1, sp=2)),
+       ("sp4 bytes", sp_bytes_scenario, dict(sp=4))],
     # four processes: DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4, for tests/test_convert.py
     "convert4": [(f"{p} tp{tp} pp{pp}", write_checkpoint_scenario, dict(preset=p, tp=tp, pp=pp))
                  for p in ("qkv", "qk", "kv", "k", "gqa4", "gqa8", "mqa", "qgqa4", "qgqa8", "qmqa")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from megaqkv.analysis import forward_macs, main
+from megaqkv.analysis import forward_macs, main, sequence_exchange
 from megaqkv.config import load_model_config
 from megaqkv.model import GPT
 from megaqkv.variants import PRESETS, attention_parameters, kv_cache_bytes_per_token, total_parameters
@@ -100,3 +100,19 @@ def test_cli_reports_bad_input(capsys, tmp_path):
     assert "bad.yaml: model.num_kv_heads:" in capsys.readouterr().err
     assert main(["--scale", "7B"]) == 2
     assert "no preset configs for scale '7B'" in capsys.readouterr().err
+
+
+def test_sequence_parallel_bytes_by_hand(capsys):
+    """Per layer and sequence, forward + backward, bf16: a rank sends (SP-1)/SP of its projection output and of
+    its attention output. 300M at SP=4, T=2048: QKV's projection is 3 × 1024 columns, Q–K=V's 2 × 1024."""
+    qkv = sequence_exchange(load_model_config(MODEL_CONFIGS / "300M_qkv.yaml"), 4, 2048)
+    assert qkv["projection_bytes"] == 2 * 2 * 3 * 512 * 3 * 1024 // 4  # 3 destinations × 512 positions × 768 cols
+    assert qkv["output_bytes"] == 2 * 2 * 3 * 512 * 1024 // 4
+    assert main(["--sp", "4", "--seq-lens", "2048", "--markdown"]) == 0
+    text = capsys.readouterr().out
+    for row in ("| 300M_kv | Q–K=V | 4 | 1 | 2048 | 3.00 MiB | 0.667× | 1.50 MiB |",
+                "| 300M_k | Q=K=V | 4 | 1 | 2048 | 1.50 MiB | 0.333× | 1.50 MiB |",
+                "| 300M_qmqa | Q-MQA | 4 | 1 | 2048 | 1.88 MiB | 0.417× | 1.50 MiB |"):
+        assert row in text
+    assert main(["--sp", "3"]) == 2
+    assert "--sp 3: sequence parallel size 3 must divide the 16 query heads" in capsys.readouterr().err

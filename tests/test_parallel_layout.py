@@ -83,13 +83,20 @@ def cfg_with(tmp_path, **parallel):
     ("tiny_qkv", {"pp": 3}, "pipeline size 3 exceeds num_layers=2"),
     ("300M_qkv", {"tp": 16}, None),
     ("tiny_qkv", {"tp": 0}, "must be at least 1"),
+    ("300M_qmqa", {"sp": 4}, None),  # one KV head: each SP rank gets a copy
+    ("300M_gqa4", {"sp": 4, "tp": 2}, None),  # 2 KV heads per TP rank, SP a multiple of them
+    ("300M_qkv", {"sp": 3}, r"sequence parallel size 3 must divide the 16 query heads of each TP rank \(num_heads=16 / "
+                            r"tp=1\); use one of \[1, 2, 4, 8, 16\]"),
+    ("300M_qkv", {"sp": 16, "tp": 2}, "must divide the 8 query heads of each TP rank"),
+    ("1.2B_gqa8", {"sp": 2, "tp": 2}, None),
+    ("tiny_qkv", {"sp": 0}, "must be at least 1"),
 ])
 def test_parallel_validation(tmp_path, preset, parallel, words):
     model, run = MODEL_CONFIGS / f"{preset}.yaml", cfg_with(tmp_path, **parallel)
     if words is None:
         load_config(model, run)
         return
-    with pytest.raises(ConfigError, match=f"^{run}: parallel.(tp|pp): .*{words}"):
+    with pytest.raises(ConfigError, match=f"^{run}: parallel.(tp|pp|sp): .*{words}"):
         load_config(model, run)
 
 
@@ -104,6 +111,23 @@ def test_tp_neither_multiple_nor_divisor_of_kv_heads(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.tp: tensor parallel size 6 must divide num_kv_heads=4 or be a "
                                           r"multiple of it .* use one of \[1, 2, 4, 12\]"):
         load_config(model, overrides=["parallel.tp=6"])
+
+
+def test_sp_must_fit_kv_heads_and_sequence(tmp_path):
+    model = tmp_path / "m.yaml"
+    model.write_text("num_layers: 2\nhidden_size: 96\nnum_heads: 12\nffn_hidden_size: 8\nnum_kv_heads: 4\n"
+                     "max_position_embeddings: 128\n")
+    with pytest.raises(ConfigError, match=r"parallel.sp: sequence parallel size 3 must divide the 4 KV heads of each TP "
+                                          r"rank or be a multiple of them .* use one of \[1, 2, 4, 12\]"):
+        load_config(model, overrides=["parallel.sp=3"])
+    with pytest.raises(ConfigError, match=r"training.seq_length: 102 is not divisible by parallel.sp=4: each "
+                                          r"sequence-parallel rank holds an equal slice; use 100 or 104"):
+        load_config(model, overrides=["parallel.sp=4", "training.seq_length=102"])
+    cfg = load_config(model, overrides=["parallel.sp=2", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match=r"parallel.tp=2 × parallel.sp=2 × parallel.pp=1 = 4 does not divide the 6 "
+                                          r"launched processes; launch a multiple of 4 processes or change tp/sp/pp"):
+        cfg.parallel.data_parallel_size(6)
+    assert cfg.parallel.data_parallel_size(8) == 2
 
 
 def test_run_config_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""pretrain.py end to end on CPU (torchrun, 2 gloo processes): loss falls, exact resume for TP=2 and PP=2,
+"""pretrain.py end to end on CPU (torchrun, 2 gloo processes): loss falls, exact resume for TP=2, PP=2 and SP=2,
 graceful SIGTERM, crash-safe checkpoints; and the errors a user meets before training starts."""
 import json
 import os
@@ -39,7 +39,7 @@ def metrics(ckpt):
             [(r["step"], r["loss"]) for r in rows if r["kind"] == "valid"])
 
 
-@pytest.mark.parametrize("layout", ["--tp=2", "--pp=2"])
+@pytest.mark.parametrize("layout", ["--tp=2", "--pp=2", "--sp=2"])
 def test_loss_falls_and_resume_is_exact(tmp_path, slim_data, layout):
     steps = ["--set", "training.train_steps=8", "--set", "eval.interval=4"]
     full = train([layout, "--save", str(tmp_path / "full"), *slim_data, *steps])
@@ -107,9 +107,9 @@ def test_sigterm_saves_and_a_half_written_checkpoint_is_skipped(tmp_path, slim_d
     from megaqkv.config import Config, ConfigError, load_model_config
     from megaqkv.training.loop import resume
 
-    other = SimpleNamespace(tp_size=2, pp_size=1, dp_size=1, rank=0)
-    with pytest.raises(ConfigError, match=r"was written at \{'tp': 1, 'pp': 2, 'dp': 1\}, this run is "
-                                          r"\{'tp': 2, 'pp': 1, 'dp': 1\}; convert it"):
+    other = SimpleNamespace(tp_size=2, pp_size=1, dp_size=1, sp_size=1, rank=0)
+    with pytest.raises(ConfigError, match=r"was written at \{'tp': 1, 'pp': 2, 'dp': 1, 'sp': 1\}, this run is "
+                                          r"\{'tp': 2, 'pp': 1, 'dp': 1, 'sp': 1\}; convert it"):
         resume(None, Config(model=load_model_config(MODEL_CONFIGS / "tiny_kv.yaml")), other, ckpt, print)
 
 

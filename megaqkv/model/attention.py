@@ -11,8 +11,9 @@ from ..kernels.attention import causal_attention
 from ..kernels.columns import Columns
 from ..kernels.decode import cached_attention
 from ..kernels.roles import split_roles
-from ..parallel.grid import SINGLE, TPGroup
+from ..parallel.grid import NO_SP, SINGLE, SPGroup, TPGroup
 from ..parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, copy_to_tp
+from ..parallel.sequence import heads_for_positions, positions_for_heads
 from ..variants import AttentionLayout
 
 
@@ -23,23 +24,22 @@ class Attention(nn.Module):
     the value, with Q=K the query is the key. Under tensor parallelism each rank owns whole KV
     groups of the fused `in_proj` (column split); with fewer KV heads than TP ranks the query rows
     are split (`q_proj`) and the small K/V rows are replicated (`kv_proj`), each rank reading the
-    group its query heads belong to.
+    group its query heads belong to. Under sequence parallelism (`sp`) the projection output of this rank's
+    positions is exchanged for all positions of a share of its heads (`parallel.sequence`) around the kernel.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, sp: SPGroup = NO_SP):
         super().__init__()
         layout = AttentionLayout.of(cfg)
-        self.tp = tp
+        self.tp, self.sp = tp, sp
         self.backend = cfg.attention_backend
         self.dropout_p = cfg.attention_dropout
         self.head_dim = layout.head_dim
         h = cfg.hidden_size
+        self.local = layout.tensor_split(tp.size)
         if layout.num_kv_heads % tp.size == 0:
-            self.local = AttentionLayout(layout.sharing, layout.num_heads // tp.size,
-                                         layout.num_kv_heads // tp.size, layout.head_dim)
             self.in_proj = ColumnParallelLinear(h, layout.rows, tp, bias=cfg.bias)
         else:
-            self.local = AttentionLayout(layout.sharing, layout.num_heads // tp.size, 1, layout.head_dim)
             self.q_proj = ColumnParallelLinear(h, layout.num_heads * layout.head_dim, tp, bias=cfg.bias,
                                                copy_input=False)
             kv_rows = layout.kv_head_tensors() * layout.head_dim
@@ -49,6 +49,10 @@ class Attention(nn.Module):
         self.out_proj = RowParallelLinear(h, h, tp, bias=cfg.bias)
         self.cols = (Columns.fused(self.local) if hasattr(self, "in_proj")
                      else Columns.split(self.local.num_heads, self.head_dim, layout.kv_shared))
+        if sp.size > 1:  # the q_proj/kv_proj pair side by side is the fused layout of one group
+            self.sp_layout, columns = self.local.sequence_split(sp.size)
+            self.sp_cols = Columns.fused(self.sp_layout)
+            self.register_buffer("sp_columns", None if columns is None else torch.tensor(columns), persistent=False)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The projection output(s) the kernels read: the fused rows, or the query rows and this rank's K/V rows."""
@@ -69,8 +73,14 @@ class Attention(nn.Module):
         SDPA are fused kernels already, and the per-rank RNG stream swaps generator states, which a graph
         cannot. Dropout on this rank's own heads draws from that stream."""
         stream = self.tp.rng.fork() if dropout > 0 and self.tp.size > 1 else contextlib.nullcontext()
+        if self.sp.size == 1:
+            with stream:
+                return causal_attention(*sources, self.cols, dropout_p=dropout, backend=self.backend)
+        mine = sources[0] if sources[1] is None else torch.cat(sources, dim=-1)
+        gathered = heads_for_positions(mine, self.sp_layout, self.sp_columns, self.sp)
         with stream:
-            return causal_attention(*sources, self.cols, dropout_p=dropout, backend=self.backend)
+            out = causal_attention(gathered, None, self.sp_cols, dropout_p=dropout, backend=self.backend)
+        return positions_for_heads(out, self.sp)
 
     def attend_cached(self, sources, cache, layer: int) -> torch.Tensor:
         """Attention of the new tokens over everything cached. A prefill (empty cache) runs the training

@@ -11,11 +11,12 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..parallel.grid import SINGLE, TPGroup
+from ..parallel.grid import NO_SP, SINGLE, SPGroup, TPGroup
 from ..kernels.cross_entropy import linear_cross_entropy
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.random import checkpoint
@@ -25,20 +26,23 @@ from ..kernels.norm import LayerNorm
 
 
 class PositionEmbedding(nn.Module):
-    """Adds learned absolute position embeddings to the token embeddings, then embedding dropout."""
+    """Adds learned absolute position embeddings to the token embeddings, then embedding dropout. Under sequence
+    parallelism `x` holds the rank's slice of positions: slice `sp.rank` of `sp.size` equal ones."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, sp: SPGroup = NO_SP):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
         self.dropout = nn.Dropout(cfg.embedding_dropout)
+        self.sp = sp
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is not None:
             return self.dropout(x + self.weight[positions])
-        seq = x.shape[1]
-        if seq > self.weight.shape[0]:
-            raise ValueError(f"sequence length {seq} exceeds max_position_embeddings={self.weight.shape[0]}")
-        return self.dropout(x + self.weight[:seq])
+        start, stop = self.sp.rank * x.shape[1], (self.sp.rank + 1) * x.shape[1]
+        if stop > self.weight.shape[0]:
+            raise ValueError(f"sequence length {x.shape[1] * self.sp.size} exceeds max_position_embeddings="
+                             f"{self.weight.shape[0]}")
+        return self.dropout(x + self.weight[start:stop])
 
 
 class MLP(nn.Module):
@@ -54,13 +58,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; residual dropout after attention and after the MLP."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, checkpointed: bool = False, compiled: bool = False):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup = SINGLE, checkpointed: bool = False, compiled: bool = False,
+                 sp: SPGroup = NO_SP):
         super().__init__()
         self.tp = tp
         self.checkpointed = checkpointed
         self.compiled = compiled
         self.ln_1 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
-        self.attn = Attention(cfg, tp)
+        self.attn = Attention(cfg, tp, sp)
         self.ln_2 = LayerNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.mlp = MLP(cfg, tp)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
@@ -86,11 +91,21 @@ def compiled_block(block: Block, x: torch.Tensor) -> torch.Tensor:
     return block._forward(x)
 
 
-def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None, mean: bool = True) -> torch.Tensor:
+def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None, mean: bool = True,
+                  sp: SPGroup = NO_SP) -> torch.Tensor:
     """Each token's share of the loss: 1/count for a token-weighted mean (masked positions, padding, count
-    neither in the sum nor the count), or the mask itself for a sum."""
+    neither in the sum nor the count), or the mask itself for a sum.
+
+    Under sequence parallelism `labels` is this rank's slice: the count is the whole micro-batch's (summed over
+    the SP ranks), and the mean is scaled by SP, because DeepSpeed averages gradients over its data axis, which
+    holds the SP ranks: the average of SP · (slice sum / count) over them is the micro-batch's mean."""
     mask = torch.ones(labels.shape, device=labels.device) if loss_mask is None else loss_mask.float()
-    return mask / mask.sum().clamp(min=1.0) if mean else mask
+    if not mean:
+        return mask
+    count = mask.sum()
+    if sp.size > 1:
+        dist.all_reduce(count, group=sp.group)
+    return mask * (sp.size / count.clamp(min=1.0))
 
 
 def head_loss(head: VocabParallelEmbedding, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..flops import block_macs, head_macs
-from ..parallel.grid import ProcessGrid, TPGroup
+from ..parallel.grid import NO_SP, ProcessGrid, SPGroup, TPGroup
 from ..parallel.layers import VocabParallelEmbedding
 from ..parallel.sharding import init_parameters
 from .gpt import Block, PositionEmbedding, head_loss, token_weights
@@ -42,19 +42,20 @@ class PipelineLoss:
     weight every token equally across micro-batches and ranks.
     """
 
-    def __init__(self, sums: bool = False):
-        self.sums = sums
+    def __init__(self, sums: bool = False, sp: SPGroup = NO_SP):
+        self.sums, self.sp = sums, sp
         self.__name__ = "fused vocab-parallel linear cross-entropy"
 
     def __call__(self, outputs, labels) -> torch.Tensor:
         (hidden, weight, head), (labels, loss_mask) = outputs, labels if isinstance(labels, (tuple, list)) else (
             labels, None)
-        weights = token_weights(labels, loss_mask, mean=not self.sums)
+        weights = token_weights(labels, loss_mask, mean=not self.sums, sp=self.sp)
         loss = head_loss(head, hidden, labels, weights, weight)
         return torch.stack([loss, weights.sum()]) if self.sums else loss
 
 
-def layer_specs(cfg: ModelConfig, tp: TPGroup, checkpointed: bool = False, compiled: bool = False) -> list:
+def layer_specs(cfg: ModelConfig, tp: TPGroup, checkpointed: bool = False, compiled: bool = False,
+                sp: SPGroup = NO_SP) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     embed_args = (cfg.vocab_size, cfg.hidden_size, tp)
@@ -64,8 +65,8 @@ def layer_specs(cfg: ModelConfig, tp: TPGroup, checkpointed: bool = False, compi
                              tied_weight_attr="weight")
     else:
         first, last = LayerSpec(VocabParallelEmbedding, *embed_args), LayerSpec(LMHead, *embed_args)
-    return ([first, LayerSpec(PositionEmbedding, cfg)]
-            + [LayerSpec(Block, cfg, tp, checkpointed, compiled) for _ in range(cfg.num_layers)]
+    return ([first, LayerSpec(PositionEmbedding, cfg, sp)]
+            + [LayerSpec(Block, cfg, tp, checkpointed, compiled, sp) for _ in range(cfg.num_layers)]
             + [LayerSpec(LayerNorm, cfg.hidden_size, eps=cfg.layernorm_eps), last])
 
 
@@ -167,7 +168,7 @@ def build_pipeline(cfg: ModelConfig, grid: ProcessGrid, seed: int = 1234, checkp
         costs = layer_costs(cfg, seq_length or cfg.max_position_embeddings, checkpointed)
         num_blocks = cfg.num_layers
 
-    module = Pipeline(layers=layer_specs(cfg, grid.tp, checkpointed, compiled), topology=grid.topology,
-                      loss_fn=PipelineLoss(), partition_method="cost", activation_checkpoint_interval=0)
+    module = Pipeline(layers=layer_specs(cfg, grid.tp, checkpointed, compiled, grid.sp), topology=grid.topology,
+                      loss_fn=PipelineLoss(sp=grid.sp), partition_method="cost", activation_checkpoint_interval=0)
     init_parameters(named_plain_parameters(module, cfg), cfg, grid.tp, seed)
     return module

@@ -10,6 +10,6 @@ import torch
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"
 
-from .grid import SINGLE, ProcessGrid, TPGroup, init_distributed  # noqa: E402
+from .grid import NO_SP, SINGLE, ProcessGrid, SPGroup, TPGroup, init_distributed  # noqa: E402
 
-__all__ = ["SINGLE", "ProcessGrid", "TPGroup", "init_distributed"]
+__all__ = ["NO_SP", "SINGLE", "ProcessGrid", "SPGroup", "TPGroup", "init_distributed"]

@@ -167,14 +167,33 @@ class RunLock:
 
 
 def layout_of(grid) -> dict:
-    return {"tp": grid.tp_size, "pp": grid.pp_size, "dp": grid.dp_size}
+    return {"tp": grid.tp_size, "pp": grid.pp_size, "dp": grid.dp_size, "sp": grid.sp_size}
+
+
+def same_layout(recorded: dict, grid) -> bool:
+    """Whether a checkpoint's recorded layout is this grid's; checkpoints from before sequence parallelism
+    record no "sp" (they ran at 1)."""
+    return {"sp": 1, **recorded} == layout_of(grid)
 
 
 def client_state(cfg, grid, step: int, consumed: int, universal_info: dict, valid: dict | None = None) -> dict:
     """What our checkpoints add to DeepSpeed's: position, RNG, the resolved config (plain data), layout, and the
-    newest validation result ({step, loss, tokens}) for the model card of an export."""
-    return {"iteration": step, "consumed_samples": consumed, "rng": rng_state(grid.tp.rng), "config": cfg.to_dict(),
-            "layout": layout_of(grid), "universal_checkpoint_info": universal_info, "valid": valid}
+    newest validation result ({step, loss, tokens}) for the model card of an export.
+
+    DeepSpeed writes the client state from data rank 0 of each model rank only; the SP ranks, which DeepSpeed
+    counts as data ranks, draw dropout from streams of their own, so every SP rank's RNG goes in as `rng_sp`."""
+    rng = rng_state(grid.tp.rng)
+    state = {"iteration": step, "consumed_samples": consumed, "rng": rng, "config": cfg.to_dict(),
+             "layout": layout_of(grid), "universal_checkpoint_info": universal_info, "valid": valid}
+    if grid.sp_size > 1:
+        state["rng_sp"] = [None] * grid.sp_size
+        dist.all_gather_object(state["rng_sp"], rng, group=grid.sp.group)
+    return state
+
+
+def resumed_rng(client: dict, grid) -> dict:
+    """This rank's RNG streams from a checkpoint's client state (its SP rank's, see `client_state`)."""
+    return client["rng_sp"][grid.sp_rank] if "rng_sp" in client else client["rng"]
 
 
 def universal_checkpoint_info(cfg, tp: int) -> dict:

@@ -11,6 +11,7 @@ from ..config import Config, ConfigError, weighted_prefixes
 from ..data.gpt_dataset import BlendedDataset, GPTDataset, SampleConfig, blend_sample_counts, \
     micro_batch_indices, split_ranges
 from ..data.indexed import DataError, IndexedDataset, paths
+from ..parallel.grid import NO_SP, SPGroup
 
 
 def missing_data_hint(prefix: str, source: str | None) -> str:
@@ -77,27 +78,33 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, say: Cal
     return train, valid
 
 
-def collate(samples: list[dict]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Pipeline-engine micro-batch: (input tokens, (labels, loss mask))."""
+def collate(samples: list[dict], sp: SPGroup = NO_SP) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Pipeline-engine micro-batch: (input tokens, (labels, loss mask)); under sequence parallelism this rank's
+    contiguous slice of the positions."""
     tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]))
     mask = torch.from_numpy(np.stack([s["loss_mask"] for s in samples]))
-    return tokens[:, :-1].contiguous(), (tokens[:, 1:].contiguous(), mask)
+    positions = slice(sp.rank * mask.shape[1] // sp.size, (sp.rank + 1) * mask.shape[1] // sp.size)
+    return (tokens[:, :-1][:, positions].contiguous(),
+            (tokens[:, 1:][:, positions].contiguous(), mask[:, positions].contiguous()))
 
 
-def step_batches(dataset, consumed: int, micro: int, dp_size: int, dp_rank: int, steps_of: int) -> Iterator:
-    """The `steps_of` micro-batches this DP rank reads for the step starting at `consumed` samples."""
+def step_batches(dataset, consumed: int, micro: int, dp_size: int, dp_rank: int, steps_of: int,
+                 sp: SPGroup = NO_SP) -> Iterator:
+    """The `steps_of` micro-batches this DP rank (of SP rank `sp`) reads for the step starting at `consumed`
+    samples."""
     it = micro_batch_indices(consumed, micro, dp_size, dp_rank, consumed + steps_of * micro * dp_size)
     for indices in it:
-        yield collate([dataset[i] for i in indices])
+        yield collate([dataset[i] for i in indices], sp)
 
 
-def eval_batches(dataset, total: int, micro: int, dp_size: int, dp_rank: int, seq_length: int) -> list:
-    """All `total` validation samples as micro-batches for this DP rank, the last ones padded with fully
-    masked samples so that every layout sees exactly the same set."""
+def eval_batches(dataset, total: int, micro: int, dp_size: int, dp_rank: int, seq_length: int,
+                 sp: SPGroup = NO_SP) -> list:
+    """All `total` validation samples as micro-batches for this DP rank (of SP rank `sp`), the last ones padded
+    with fully masked samples so that every layout sees exactly the same set."""
     step = micro * dp_size
     padded = -(-total // step) * step
     empty = {"tokens": np.zeros(seq_length + 1, np.int64), "loss_mask": np.zeros(seq_length, np.float32)}
     out = []
     for indices in micro_batch_indices(0, micro, dp_size, dp_rank, padded):
-        out.append(collate([dataset[i] if i < total else empty for i in indices]))
+        out.append(collate([dataset[i] if i < total else empty for i in indices], sp))
     return out

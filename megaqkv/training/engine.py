@@ -64,7 +64,8 @@ def read_ds_config(path: str | Path | None) -> tuple[dict, str]:
 def deepspeed_config(cfg: Config, batch: BatchLayout, base: dict, source: str) -> dict:
     """The DeepSpeed config: the file's settings (ZeRO, communication) plus what megaqkv's config decides."""
     ds = copy.deepcopy(base)
-    derived = {"train_batch_size": batch.global_batch_size,
+    # DeepSpeed counts a sequence-parallel rank as a data-parallel one, each reading a slice of every sample.
+    derived = {"train_batch_size": batch.global_batch_size * cfg.parallel.sp,
                "train_micro_batch_size_per_gpu": batch.micro_batch_size,
                "gradient_accumulation_steps": batch.gradient_accumulation_steps}
     for key in _BATCH_KEYS:

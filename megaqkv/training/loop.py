@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..analysis import qkv_baseline, sequence_exchange
 from ..checkpoint import consolidated
 from ..checkpoint import deepspeed_layout as layout
 from ..checkpoint.consolidated import CheckpointError
@@ -73,7 +74,7 @@ def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[flo
     added over micro-batches and DP ranks, then divided once, so the value does not depend on the layout."""
     module = engine.module
     train_loss = module.loss_fn
-    module.loss_fn = PipelineLoss(sums=True)
+    module.loss_fn = PipelineLoss(sums=True, sp=grid.sp)
     engine.total_loss = None  # eval_batch adds into the last training loss, a scalar; ours is [sum, count]
     try:
         out = engine.eval_batch(iter(batches), reduce_output="avg", bcast_loss=False,
@@ -83,10 +84,24 @@ def evaluate(engine, cfg: Config, grid: ProcessGrid, batches: list) -> tuple[flo
         engine.total_loss = None
     totals = torch.zeros(2, dtype=torch.float64, device=comm_device())
     if grid.is_last_stage:
-        totals = out.detach().double().to(totals.device) * len(batches) * grid.dp_size  # undo the engine's averaging
-    src = grid.topology.get_rank(pipe=grid.pp_size - 1, data=grid.dp_rank, model=grid.tp_rank)
+        totals = out.detach().double().to(totals.device) * len(batches) * grid.data_size  # undo the engine's average
+    src = grid.topology.get_rank(pipe=grid.pp_size - 1, data=grid.data_rank, model=grid.tp_rank)
     dist.broadcast(totals, src=src, group=grid.mpu.get_pipe_parallel_group())
     return (totals[0] / totals[1]).item(), int(round(totals[1].item()))
+
+
+def sequence_parallel_text(cfg: Config) -> str:
+    """What sequence parallelism sends per layer and micro-batch (analysis.sequence_exchange; the exchanges count
+    what they really send in parallel.sequence.SENT)."""
+    t, p = cfg.training, cfg.parallel
+    size = 4 if t.precision == "fp32" else 2
+    ours = sequence_exchange(cfg.model, p.sp, t.seq_length, p.tp, size)
+    qkv = sequence_exchange(qkv_baseline(cfg.model), p.sp, t.seq_length, p.tp, size)
+    mib = lambda key, row: row[key] * t.micro_batch_size / 2 ** 20  # noqa: E731
+    return (f"sequence parallelism: SP {p.sp}, {t.seq_length // p.sp:,} positions per rank; per layer and micro-batch "
+            f"a rank sends {mib('projection_bytes', ours):.2f} MiB of projection output (QKV would send "
+            f"{mib('projection_bytes', qkv):.2f}) and {mib('output_bytes', ours):.2f} MiB of attention output, "
+            "forward + backward")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -147,14 +162,14 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
     if tag is None:
         raise ConfigError(f"{source}: no complete checkpoint that verifies to start from")
     client = client_state_of(source / tag)  # checked before DeepSpeed, whose own failures are obscure
-    if client["layout"] != checkpointing.layout_of(grid):
+    if not checkpointing.same_layout(client["layout"], grid):
         raise ConfigError(f"{source}/{tag} was written at {client['layout']}, this run is "
                           f"{checkpointing.layout_of(grid)}; convert it (tools/convert_ckpt.py --to consolidated, "
                           "then checkpoint.load=<that directory>, or --to deepspeed at this layout) or run at the "
                           "checkpoint's layout")
     check_resumable(client, cfg, f"{source}/{tag}", same_run=own)
     _, client = engine.load_checkpoint(str(source), tag=tag)
-    checkpointing.set_rng_state(client["rng"], grid.tp.rng)
+    checkpointing.set_rng_state(checkpointing.resumed_rng(client, grid), grid.tp.rng)
     say(f"resumed from {source}/{tag}: step {engine.global_steps}, {client['consumed_samples']:,} samples consumed")
     return client["consumed_samples"]
 
@@ -177,7 +192,7 @@ def cut_metrics(path: Path, step: int) -> None:
 
 
 def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
-    grid = ProcessGrid(cfg.parallel.tp, cfg.parallel.pp)
+    grid = ProcessGrid(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sp)
     is_writer = dist.get_rank() == 0
     say = log if is_writer else (lambda *a, **k: None)
     ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
@@ -208,7 +223,8 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
 
     valid_samples = math.ceil(cfg.eval.tokens / t.seq_length)
     train_ds, valid_ds = build_datasets(cfg, steps * t.global_batch_size, valid_samples, say=say)
-    valid = eval_batches(valid_ds, valid_samples, t.micro_batch_size, grid.dp_size, grid.dp_rank, t.seq_length)
+    valid = eval_batches(valid_ds, valid_samples, t.micro_batch_size, grid.dp_size, grid.dp_rank, t.seq_length,
+                         grid.sp)
     engine = build_engine(cfg, grid, ds_config, total_steps=steps)
     checkpointing.use_safe_loader(engine)
     if grid.pp_size > 1:
@@ -217,6 +233,8 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
     attention = next((mod for mod in engine.module.modules() if isinstance(mod, Attention)), None)
     if attention is not None:  # a pipeline stage may hold no block
         say(kernels_text(m.attention_backend, next(engine.module.parameters()), attention.cols, m.attention_dropout))
+    if grid.sp_size > 1:
+        say(sequence_parallel_text(cfg))
 
     consumed = resume(engine, cfg, grid, ckpt_dir, say)
     if engine.global_steps:
@@ -264,7 +282,7 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
             lr = engine.get_lr()[0]
             started = time.perf_counter()
             loss = engine.train_batch(step_batches(train_ds, consumed, t.micro_batch_size, grid.dp_size,
-                                                   grid.dp_rank, t.gradient_accumulation_steps)).item()
+                                                   grid.dp_rank, t.gradient_accumulation_steps, grid.sp)).item()
             seconds = time.perf_counter() - started
             consumed += t.global_batch_size
             step, this_run, last_loss = engine.global_steps, this_run + 1, loss

@@ -1,7 +1,7 @@
 """pretrain.py: command line, config resolution and checks before any process group starts.
 
     deepspeed --num_gpus 8 pretrain.py --model-config model_configs/1.2B_qmqa.yaml [--train-config ...]
-        [--data-path [W] PREFIX ...] [--tp N] [--pp N] [--ds-config FILE] [--save DIR] [--set KEY=VALUE ...]
+        [--data-path [W] PREFIX ...] [--tp N] [--pp N] [--sp N] [--ds-config FILE] [--save DIR] [--set KEY=VALUE ...]
 
 Also runs under torchrun, or as plain `python pretrain.py` (one process). Every mistake in the
 configuration, the batch arithmetic or the data paths is reported before training starts.
@@ -39,11 +39,8 @@ def default_train_config(model_config: Path) -> Path:
 
 def resolve(cfg: Config, world_size: int, model_config: Path) -> None:
     """Fill what the config leaves to be derived (batch sizes, directories); reject what cannot run."""
-    t, p = cfg.training, cfg.parallel
-    if world_size % (p.tp * p.pp):
-        raise ConfigError(f"parallel.tp={p.tp} × parallel.pp={p.pp} = {p.tp * p.pp} does not divide the "
-                          f"{world_size} launched processes; launch a multiple of {p.tp * p.pp}")
-    batch = derive_batch(t, world_size // (p.tp * p.pp))
+    t = cfg.training
+    batch = derive_batch(t, cfg.parallel.data_parallel_size(world_size))
     t.global_batch_size, t.gradient_accumulation_steps = batch.global_batch_size, batch.gradient_accumulation_steps
     if not t.train_tokens and not t.train_steps:
         raise ConfigError("training: set training.train_tokens (the paper: 10,000,000,000) or training.train_steps")
@@ -68,6 +65,7 @@ def parse_args(argv):
     parser.add_argument("--valid-data-path", nargs="+", help="validation prefixes (default: a split of --data-path)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, help="pipeline-parallel size")
+    parser.add_argument("--sp", type=int, help="sequence-parallel size (DeepSpeed-Ulysses)")
     parser.add_argument("--ds-config", help="DeepSpeed JSON (default ds_configs/zero1_bf16.json)")
     parser.add_argument("--save", help="checkpoint directory (resumed from when it holds a checkpoint)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -81,14 +79,14 @@ def configure(args) -> Config:
     for flag, key in (("data_path", "data.path"), ("valid_data_path", "data.valid_path")):
         if getattr(args, flag):
             overrides.append(f"{key}={json.dumps([_number_or_text(x) for x in getattr(args, flag)])}")
-    for flag, key in (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("save", "checkpoint.dir")):
+    for flag, key in (("tp", "parallel.tp"), ("pp", "parallel.pp"), ("sp", "parallel.sp"), ("save", "checkpoint.dir")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
     train_config = args.train_config or default_train_config(args.model_config)
     cfg = load_config(args.model_config, train_config, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resolve(cfg, world, args.model_config)
-    deepspeed_config(cfg, derive_batch(cfg.training, world // (cfg.parallel.tp * cfg.parallel.pp)),
+    deepspeed_config(cfg, derive_batch(cfg.training, cfg.parallel.data_parallel_size(world)),
                      *read_ds_config(args.ds_config))
     check_data(cfg)
     return cfg
