@@ -15,7 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from ..model.pipeline import plain_name
 from ..parallel.sharding import canonical_from_shards
 from . import universal

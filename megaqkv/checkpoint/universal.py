@@ -60,8 +60,8 @@ def locate(path: str | Path, tag: str | None = None) -> Path:
     if not _is_tag(tag_dir):
         raise CheckpointError(f"{tag_dir}: not a DeepSpeed universal checkpoint (no zero/ folder); write one with "
                               f"{CONVERT_HINT}")
-    missing = [f"{tag_dir / 'zero' / name / f}.pt" for name in sorted(parameter_names(tag_dir))
-               for f in PER_PARAMETER if not (tag_dir / "zero" / name / f"{f}.pt").is_file()]
+    missing = [f"{tag_dir / 'zero' / folder / f}.pt" for folder in sorted(parameter_names(tag_dir))
+               for f in PER_PARAMETER if not (tag_dir / "zero" / folder / f"{f}.pt").is_file()]
     missing += [str(tag_dir / f) for f in ("mp_rank_00_model_states.pt", "zero/optimizer_state.pt")
                 if not (tag_dir / f).is_file()]
     if missing:

@@ -38,7 +38,7 @@ OUTPUT_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16"
                       "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 CONFIG_FILE = "megaqkv_model.yaml"
 LOAD_HINT = """load it with:
-    import safetensors.torch, torch, yaml
+    import {module}, yaml
     from megaqkv.config import model_config_from_dict
     from megaqkv.model import GPT
     model = GPT(model_config_from_dict(yaml.safe_load(open("{out}/{config}"))["model"]))
@@ -137,9 +137,9 @@ def convert_zero_checkpoint_to_state_dict(checkpoint_dir, output_dir, dtype=torc
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"Saved {', '.join(names)}{f' (index {index})' if index else ''} and {CONFIG_FILE} in {out}")
     if len(shards) == 1:
-        load = (f'safetensors.torch.load_file("{out}/{names[0]}")' if safe_serialization
-                else f'torch.load("{out}/{names[0]}", weights_only=True)')
-        print(LOAD_HINT.format(out=out, config=CONFIG_FILE, load=load))
+        module, load = (("safetensors.torch", f'safetensors.torch.load_file("{out}/{names[0]}")') if safe_serialization
+                        else ("torch", f'torch.load("{out}/{names[0]}", weights_only=True)'))
+        print(LOAD_HINT.format(module=module, out=out, config=CONFIG_FILE, load=load))
 
 
 def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_dir, max_shard_size="5GB",
