@@ -25,7 +25,7 @@ import torch
 from .arguments import POSITIVE
 from .checkpoint import consolidated, hf, paper
 from .checkpoint.consolidated import CheckpointError
-from .checkpoint.loading import FORMATS, build_model, detect, read
+from .checkpoint.loading import FORMATS, READABLE, build_model, detect, read
 
 def logits_of(path: Path, fmt: str, tokens: torch.Tensor, tag: str | None = None) -> torch.Tensor:
     with torch.no_grad():
@@ -100,11 +100,12 @@ def main(argv=None) -> int:
     else:
         p = argparse.ArgumentParser(prog="convert_ckpt.py", description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--from", dest="from_format", choices=FORMATS, help="input format (default: detected)")
+        p.add_argument("--from", dest="from_format", choices=READABLE,
+                       help="input format (default: detected; universal: a DeepSpeed ds_to_universal folder)")
         p.add_argument("--to", choices=FORMATS, required=True)
         p.add_argument("--input", required=True)
         p.add_argument("--output", required=True)
-        p.add_argument("--tag", help="DeepSpeed input: the global_stepN to read (default: latest)")
+        p.add_argument("--tag", help="DeepSpeed input: the global_stepN to read (default: latest, or latest_universal)")
         p.add_argument("--tp", type=POSITIVE, default=1, help="--to deepspeed: tensor-parallel size")
         p.add_argument("--pp", type=POSITIVE, default=1, help="--to deepspeed: pipeline size")
         p.add_argument("--dp", type=POSITIVE, default=1, help="--to deepspeed: data-parallel size (ZeRO-1 partitions)")

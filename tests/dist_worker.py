@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,6 +156,19 @@ def reference_training(preset: str, micro: int, steps: int, global_batch: int, l
     return _REFERENCE[key]
 
 
+def run_steps(engine, grid, first: int, last: int, global_batch: int, micro: int) -> tuple[list, list]:
+    """Training steps first..last-1 on step-indexed data (a resumed run sees what an uninterrupted one saw)."""
+    gas = engine.gradient_accumulation_steps()
+    losses, norms = [], []
+    for step in range(first, last):
+        tokens, labels, mask = (positions(t, grid) for t in batch(global_batch, seed=1000 + step))
+        mine = range(grid.dp_rank * gas * micro, (grid.dp_rank + 1) * gas * micro, micro)
+        losses.append(engine.train_batch(iter([(tokens[s:s + micro], (labels[s:s + micro], mask[s:s + micro]))
+                                               for s in mine])).item())
+        norms.append(float(engine.get_global_grad_norm()))
+    return losses, norms
+
+
 def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro: int = 2, steps: int = 4,
                    global_batch: int = 8, lr: float = 3e-3, clip: float = 1.0, wd: float = 0.1,
                    checkpointing: bool = False, compile: bool = False, sp: int = 1) -> dict:
@@ -167,14 +181,7 @@ def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro
     cfg.validate()
     grid = ProcessGrid(tp, pp, sp)
     engine = build_engine(cfg, grid)
-    gas = engine.gradient_accumulation_steps()
-    losses, norms = [], []
-    for step in range(steps):
-        tokens, labels, mask = (positions(t, grid) for t in batch(global_batch, seed=1000 + step))
-        mine = range(grid.dp_rank * gas * micro, (grid.dp_rank + 1) * gas * micro, micro)
-        data = iter([(tokens[s:s + micro], (labels[s:s + micro], mask[s:s + micro])) for s in mine])
-        losses.append(engine.train_batch(data).item())
-        norms.append(float(engine.get_global_grad_norm()))
+    losses, norms = run_steps(engine, grid, 0, steps, global_batch, micro)
     ref_losses, ref_norms, ref_params = reference_training(preset, micro, steps, global_batch, lr, clip, wd)
     params = gather_canonical({n: p.detach().float() for n, p in named_plain_parameters(engine.module, cfg.model)},
                               cfg.model, grid.tp)
@@ -183,7 +190,7 @@ def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro
             "norm_diff": max_over_world(max(abs(a - b) for a, b in zip(norms, ref_norms))),
             "param_diff": max_over_world(max_diff(params, {k: ref_params[k] for k in params})),
             "replica_drift": replica_drift(engine.module, cfg.model, grid),
-            "gas": gas, "dp": grid.dp_size}
+            "gas": engine.gradient_accumulation_steps(), "dp": grid.dp_size}
 
 
 def rng_scenario(tp: int = 2) -> dict:
@@ -331,6 +338,59 @@ def write_checkpoint_scenario(preset: str, tp: int, pp: int, workdir: str) -> di
     return {"path": str(out)}
 
 
+def universal_resume_scenario(preset: str, workdir: str, steps: int = 6, cut: int = 3) -> dict:
+    """Train `cut` steps at TP=2×PP=2 and save; convert with DeepSpeed's ds_to_universal; resume the universal
+    folder as `checkpoint.load` (training/loop.resume, as pretrain.py does) at other layouts and train on: losses
+    and gradient norms against an uninterrupted TP=2×PP=2 run in this launch."""
+    from megaqkv.config import CheckpointConfig
+    from megaqkv.training import checkpointing
+    from megaqkv.training.loop import resume
+    from megaqkv.training.schedule import align_schedule
+
+    work = Path(workdir) / f"universal_{preset}"
+    micro, global_batch = 2, 8
+
+    def engine_at(tp: int, pp: int, load: str | None = None):
+        cfg = Config(model=model_cfg(preset), parallel=ParallelConfig(tp=tp, pp=pp),
+                     training=TrainingConfig(micro_batch_size=micro, global_batch_size=global_batch, seq_length=SEQ,
+                                             precision="fp32", lr=3e-3, min_lr=3e-4, warmup_steps=2, seed=SEED,
+                                             train_steps=steps),
+                     checkpoint=CheckpointConfig(load=load))
+        cfg.validate()
+        grid = ProcessGrid(tp, pp)
+        engine = build_engine(cfg, grid, total_steps=steps)
+        checkpointing.use_safe_loader(engine)
+        return cfg, grid, engine
+
+    cfg, grid, engine = engine_at(2, 2)
+    full_losses, full_norms = run_steps(engine, grid, 0, steps, global_batch, micro)
+    cfg, grid, engine = engine_at(2, 2)
+    run_steps(engine, grid, 0, cut, global_batch, micro)
+    checkpointing.save(engine, work / "ckpt", cut, checkpointing.client_state(
+        cfg, grid, cut, cut * global_batch, checkpointing.universal_checkpoint_info(cfg, 2)), keep_last=0)
+    failure = [None]
+    if dist.get_rank() == 0:
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(work / "ckpt" / f"global_step{cut}"), "--output_folder",
+                               str(work / "universal" / f"global_step{cut}"), "--num_extract_workers", "1",
+                               "--num_merge_workers", "1"], capture_output=True, text=True)
+        failure = [proc.stderr[-3000:] if proc.returncode else None]
+    dist.broadcast_object_list(failure, src=0)
+    assert failure[0] is None, failure[0]
+    out = {"full_losses": full_losses}
+    for tp, pp in ((2, 2), (2, 1), (1, 2), (1, 1)):
+        cfg, grid, engine = engine_at(tp, pp, load=str(work / "universal"))
+        said = []
+        consumed = resume(engine, cfg, grid, None, said.append)
+        align_schedule(engine.lr_scheduler, cfg.training, steps, engine.global_steps)
+        losses, norms = run_steps(engine, grid, engine.global_steps, steps, global_batch, micro)
+        out[f"tp{tp} pp{pp} dp{grid.dp_size}"] = {
+            "said": said, "step": engine.global_steps - len(losses), "consumed": consumed, "losses": losses,
+            "loss_diff": max_over_world(max(abs(a - b) for a, b in zip(losses, full_losses[cut:]))),
+            "norm_diff": max_over_world(max(abs(a - b) for a, b in zip(norms, full_norms[cut:])))}
+    return out
+
+
 def generate_scenario(preset: str, tp: int) -> dict:
     """KV-cached greedy generation with the heads split over TP ranks, each caching its own, vs TP=1."""
     from megaqkv.checkpoint.loading import build_model
@@ -399,10 +459,13 @@ SUITES = {
     + [(f"train sp2xpp2 {p}", train_scenario, dict(preset=p, tp=1, pp=2, sp=2)) for p in SP_PRESETS]
     + [("train sp2xtp2 qmqa", train_scenario, dict(preset="qmqa", tp=2, pp=1, sp=2)),
        ("sp4 bytes", sp_bytes_scenario, dict(sp=4))],
-    # four processes: DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4, for tests/test_convert.py
+    # four processes, for tests/test_convert.py: DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4 (and
+    # one at TP=2×DP=2); a universal checkpoint of a TP=2×PP=2 run resumed at four layouts
     "convert4": [(f"{p} tp{tp} pp{pp}", write_checkpoint_scenario, dict(preset=p, tp=tp, pp=pp))
                  for p in ("qkv", "qk", "kv", "k", "gqa4", "gqa8", "mqa", "qgqa4", "qgqa8", "qmqa")
-                 for tp, pp in ((2, 2), (4, 1))],
+                 for tp, pp in ((2, 2), (4, 1))]
+    + [("gqa4 tp2 pp1", write_checkpoint_scenario, dict(preset="gqa4", tp=2, pp=1)),
+       ("universal resume qmqa", universal_resume_scenario, dict(preset="qmqa"))],
 }
 
 

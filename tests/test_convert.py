@@ -1,5 +1,6 @@
 """tools/convert_ckpt.py: DeepSpeed <-> consolidated <-> paper <-> HF, resharding, and every error case."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,12 +25,32 @@ class GPTConfig:
 
 
 @pytest.fixture(scope="module")
-def ds_checkpoints(tmp_path_factory):
-    """Real DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4, holding known random weights and Adam
-    moments (one 4-process launch)."""
+def convert_suite(tmp_path_factory):
+    """Real DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4 (and GQA-4 at TP=2×DP=2), holding known
+    random weights and Adam moments, and a universal checkpoint resumed at four layouts (one 4-process launch)."""
     work = tmp_path_factory.mktemp("ds")
-    dist_suite(4, "convert4", work)
-    return work
+    return work, dist_suite(4, "convert4", work)
+
+
+@pytest.fixture(scope="module")
+def ds_checkpoints(convert_suite):
+    return convert_suite[0]
+
+
+def ds_to_universal(tag_dir, out):
+    """DeepSpeed's own converter, as its users run it."""
+    run = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+                          "--output_folder", str(out / tag_dir.name)], env=cpu_env(), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def universal_dirs(ds_checkpoints, tmp_path_factory):
+    """Universal folders of the TP=4 MQA (K/V rows replicated on every rank) and GQA-4 (one KV group per rank of
+    the interleaved in_proj) checkpoints."""
+    work = tmp_path_factory.mktemp("universal")
+    return {p: ds_to_universal(ds_checkpoints / f"{p}_tp4_pp1" / "global_step7", work / p) for p in ("mqa", "gqa4")}
 
 
 def logits(ck, tokens):
@@ -66,6 +87,108 @@ def test_consolidated_to_tp4_and_back_is_bit_identical(ds_checkpoints, preset):
     truth = random_consolidated(preset)
     back = deepspeed_format.read(ds_checkpoints / f"{preset}_tp4_pp1", with_optimizer=False)
     assert max_diff(back.weights, truth.weights) == 0.0
+
+
+@pytest.mark.parametrize("preset", ["mqa", "gqa4"])
+def test_universal_folder_converts_exactly(universal_dirs, tmp_path, preset):
+    """The universal_checkpoint_info our checkpoints carry lets DeepSpeed's converter merge TP=4 exactly: the
+    replicated K/V rows taken once, the interleaved in_proj concatenated by whole KV groups. Read back (format
+    detected) as fp32 weights, Adam moments and training position."""
+    truth = random_consolidated(preset)
+    assert convert_main(["--to", "consolidated", "--input", str(universal_dirs[preset]), "--output",
+                         str(tmp_path / "c")]) == 0
+    ck = consolidated.load(tmp_path / "c")
+    assert max_diff(ck.weights, truth.weights) == 0.0
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert max_diff(ck.optimizer[key], truth.optimizer[key]) == 0.0
+    assert (ck.trainer["step"], ck.trainer["consumed_samples"], ck.trainer["optimizer_step"]) == (7, 56, 7.0)
+
+
+def test_universal_folder_errors(universal_dirs, tmp_path, capsys):
+    from megaqkv.checkpoint import universal
+
+    def fails(path, words):
+        assert convert_main(["--from", "universal", "--to", "consolidated", "--input", str(path), "--output",
+                             str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+
+    parent = tmp_path / "uni"
+    shutil.copytree(universal_dirs["mqa"], parent)
+    (parent / "latest_universal").unlink()
+    shutil.copytree(parent / "global_step7", parent / "global_step9")
+    fails(parent, "no latest_universal file and 2 universal checkpoint folders (global_step7, global_step9)")
+    fails(tmp_path, "not a DeepSpeed universal checkpoint (no zero/ folder); write one with python -m "
+                    "deepspeed.checkpoint.ds_to_universal")
+    tag = parent / "global_step9"
+    (tag / "zero" / "2.ln_1.weight" / "exp_avg.pt").unlink()
+    fails(tag, "incomplete universal checkpoint (the conversion did not finish?): "
+               f"{tag / 'zero' / '2.ln_1.weight' / 'exp_avg.pt'} missing")
+    tag = parent / "global_step7"
+    target = tmp_path / "planted"
+    torch.save({"param": Planted(f"touch {target}")}, tag / "zero" / "2.ln_1.weight" / "fp32.pt")
+    kinds = [k for k, _ in universal.problems(tag)]
+    assert kinds == ["unsafe"] and "refused" in universal.problems(tag)[0][1]
+    fails(tag, "refused: it needs Python objects unpickled")
+    assert not target.exists() and not (tmp_path / "x").exists()
+
+
+class Planted:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_universal_resume_at_any_layout_continues_the_loss(convert_suite):
+    """A TP=2×PP=2 run cut after 3 of 6 steps, converted by ds_to_universal and resumed as checkpoint.load: at
+    TP=2 layouts by DeepSpeed's universal loader, at TP=1 (where Q-MQA's replicated K/V projection is part of the
+    fused in_proj, a name the folder does not have) through canonical tensors. Losses against the uninterrupted
+    run: identical at the same layout, within fp32 rounding at the others."""
+    runs = convert_suite[1]["universal resume qmqa"]
+    layouts = {k: v for k, v in runs.items() if k.startswith("tp")}
+    assert sorted(layouts) == ["tp1 pp1 dp4", "tp1 pp2 dp2", "tp2 pp1 dp2", "tp2 pp2 dp1"]
+    for name, r in layouts.items():
+        print(f"universal TP=2×PP=2 -> {name}: max |loss diff| {r['loss_diff']:.2e}, max |grad norm diff| "
+              f"{r['norm_diff']:.2e}")
+        assert (r["step"], r["consumed"]) == (3, 24) and len(r["losses"]) == 3
+        native = name.startswith("tp2")
+        assert ("with DeepSpeed's universal loader" if native else "in_proj.weight is not among them") in r["said"][0]
+        assert r["loss_diff"] <= (0.0 if name == "tp2 pp2 dp1" else 1e-5) and r["norm_diff"] <= 1e-5, r
+
+
+@pytest.mark.parametrize("name, script, args", [
+    ("qmqa_tp2_pp2", "zero_to_fp32.py", []),
+    ("gqa4_tp2_pp1", "zero_to_torch.py", ["--dtype", "bf16", "--safe_serialization", "--max_shard_size", "500KB"])])
+def test_zero_to_fp32_in_the_checkpoint_directory(ds_checkpoints, tmp_path, name, script, args):
+    """The scripts next to a checkpoint, run as DeepSpeed documents them: ours replaces DeepSpeed's zero_to_fp32.py
+    (which fails on pipeline checkpoints), and DeepSpeed's zero_to_torch.py runs through it. Output: the state dict
+    of the plain TP=1 GPT, merged over TP, PP and ZeRO partitions (TP=2×PP=2, and PP=1 with DP=2)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from megaqkv.config import model_config_from_dict
+    from megaqkv.model import GPT
+
+    ckpt, out = ds_checkpoints / name, tmp_path / "out"
+    ours = REPO / "megaqkv" / "checkpoint" / "zero_to_fp32.py"
+    assert (ckpt / "zero_to_fp32.py").read_bytes() == ours.read_bytes() and os.access(ckpt / "zero_to_fp32.py", os.X_OK)
+    run = subprocess.run([sys.executable, script, ".", str(out), *args], cwd=ckpt, env=cpu_env(), capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    if "--safe_serialization" in args:
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert len(set(index.values())) > 1
+        state = {k: v for f in sorted(set(index.values())) for k, v in load_file(out / f).items()}
+        assert sorted(state) == sorted(index)
+    else:
+        state = torch.load(out / "pytorch_model.bin", weights_only=True)
+    model = GPT(model_config_from_dict(yaml.safe_load((out / "megaqkv_model.yaml").read_text())["model"]))
+    model.load_state_dict(state)  # strict: every parameter, nothing else
+    dtype = torch.bfloat16 if "bf16" in args else torch.float32
+    expected = build_model(random_consolidated(name.split("_")[0])).state_dict()
+    assert all(state[k].dtype == dtype and torch.equal(state[k], v.to(dtype)) for k, v in expected.items())
 
 
 def design_reference_checkpoint(preset: str, path):
@@ -253,8 +376,9 @@ def losses(ckpt):
 
 
 def test_resume_after_resharding_continues_training(tmp_path, slim_data):
-    """TP=2 for 4 steps -> DeepSpeed checkpoint at PP=2 (and a consolidated one loaded at DP=2) -> 4 more steps,
-    against 8 uninterrupted TP=2 steps."""
+    """TP=2 for 4 steps -> DeepSpeed checkpoint at PP=2 (and a consolidated one loaded at DP=2, and a DeepSpeed
+    universal one loaded at PP=2 the way DeepSpeed users ask for it) -> 4 more steps, against 8 uninterrupted TP=2
+    steps."""
     pretrain(["--tp=2", "--save", str(tmp_path / "full"), *slim_data])
     pretrain(["--tp=2", "--save", str(tmp_path / "a"), *slim_data, "--set", "training.exit_after_steps=4"])
     run = subprocess.run([sys.executable, str(REPO / "tools" / "convert_ckpt.py"), "--to", "deepspeed", "--pp", "2",
@@ -270,8 +394,14 @@ def test_resume_after_resharding_continues_training(tmp_path, slim_data):
     assert convert_main(["--to", "consolidated", "--input", str(tmp_path / "a"), "--output", str(tmp_path / "c")]) == 0
     out = pretrain(["--save", str(tmp_path / "dp2"), *slim_data, "--set", f"checkpoint.load={tmp_path / 'c'}"])
     assert "loaded consolidated checkpoint" in out and "step 4, 32 samples consumed" in out
+    ds_to_universal(tmp_path / "a" / "global_step4", tmp_path / "universal")
+    ds_config = json.loads((REPO / "ds_configs" / "zero1_bf16.json").read_text())
+    (tmp_path / "ds.json").write_text(json.dumps({**ds_config, "checkpoint": {"load_universal": True}}))
+    out = pretrain(["--pp=2", "--save", str(tmp_path / "universal_pp2"), *slim_data, "--ds-config",
+                    str(tmp_path / "ds.json"), "--set", f"checkpoint.load={tmp_path / 'universal'}"])
+    assert "with DeepSpeed's universal loader: step 4, 32 samples consumed" in out
     full = losses(tmp_path / "full")
-    for run in ("pp2", "dp2"):
+    for run in ("pp2", "dp2", "universal_pp2"):
         resumed = losses(tmp_path / run)
         assert sorted(resumed) == [5, 6, 7, 8]
         diff = max(abs(resumed[s] - full[s]) for s in resumed)

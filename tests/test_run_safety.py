@@ -177,13 +177,19 @@ def test_a_directory_whose_checkpoints_all_failed_is_not_silently_restarted(tmp_
         resume(None, cfg, SimpleNamespace(rank=0), tmp_path, print)
 
 
-def test_deepspeed_universal_loading_is_refused():
+def test_load_universal_names_a_folder_that_megaqkv_loads():
+    """DeepSpeed's `load_universal` needs checkpoint.load, and is not passed on: megaqkv loads the universal folder,
+    and DeepSpeed must not read this run's own later checkpoints as universal ones."""
     from megaqkv.config import Config, ConfigError, load_model_config
     from megaqkv.training.engine import BatchLayout, deepspeed_config
 
     cfg = Config(model=load_model_config(REPO / "model_configs" / "tiny_kv.yaml"))
-    with pytest.raises(ConfigError, match="checkpoint.load_universal: .* weights_only=False"):
-        deepspeed_config(cfg, BatchLayout(1, 1, 1), {"checkpoint": {"load_universal": True}}, "ds.json")
+    base = {"checkpoint": {"load_universal": True, "tag_validation": "Fail"}}
+    with pytest.raises(ConfigError, match="checkpoint.load_universal: name the universal checkpoint to start from "
+                                          "with checkpoint.load"):
+        deepspeed_config(cfg, BatchLayout(1, 1, 1), base, "ds.json")
+    cfg.checkpoint.load = "universal/"
+    assert deepspeed_config(cfg, BatchLayout(1, 1, 1), base, "ds.json")["checkpoint"] == {"tag_validation": "Fail"}
 
 
 def test_a_legacy_marker_without_checksums_still_resumes(tmp_path):

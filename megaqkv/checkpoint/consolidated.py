@@ -65,7 +65,8 @@ class LazyTensors(Mapping):
 
 
 def _shape(tensors: Mapping, name: str) -> tuple[int, ...]:
-    return tensors.shape(name) if isinstance(tensors, LazyTensors) else tuple(tensors[name].shape)
+    """Without reading the tensor where the mapping reads lazily (it has a `shape(name)` method)."""
+    return tensors.shape(name) if callable(getattr(tensors, "shape", None)) else tuple(tensors[name].shape)
 
 
 @dataclass
@@ -140,15 +141,21 @@ def prepare_output(path: Path, force: bool, directory: bool = True) -> Path:
     return tmp
 
 
-def commit_output(tmp: Path, path: Path) -> Path:
-    """Rename the finished temporary output into place (files get the usual umask permissions, which some
-    writers such as safetensors narrow to the owner)."""
+def file_mode() -> int:
+    """The permissions a new file gets under this process's umask (some writers, such as safetensors, narrow
+    them to the owner)."""
     umask = os.umask(0)
     os.umask(umask)
+    return 0o666 & ~umask
+
+
+def commit_output(tmp: Path, path: Path) -> Path:
+    """Rename the finished temporary output into place, its files with the usual umask permissions."""
+    mode = file_mode()
     with _write_errors(path):
         for f in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
             if f.is_file():
-                os.chmod(f, 0o666 & ~umask)
+                os.chmod(f, mode)
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)

@@ -8,7 +8,8 @@ bit flip or a truncated file is caught, not resumed into NaNs) and every `.pt` m
 `torch.load(weights_only=True)` allowing only DeepSpeed's own plain classes, so a planted pickle is
 refused, never executed. A checkpoint that fails is moved aside (`global_stepN.damaged`), not
 deleted, and the newest one that verifies is used instead. Pruning never removes the newest
-checkpoint that verified with a finite loss.
+checkpoint that verified with a finite loss. `mp_rank_00_model_states.pt` holds our client state (config,
+layout, data position); next to the checkpoints sits our `zero_to_fp32.py` in place of DeepSpeed's.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..config import ConfigError, ModelConfig, model_config_from_dict
 from .consolidated import CheckpointError
 
 
@@ -32,6 +35,7 @@ class UnsafeCheckpointError(CheckpointError):
     """A file that would need arbitrary Python objects unpickled: refused outright, never fallen back from."""
 
 MARKER = "megaqkv_complete.json"
+RECOVERY_SCRIPT = "zero_to_fp32.py"
 TAG = re.compile(r"^global_step(\d+)$")
 DAMAGED = ".damaged"
 
@@ -238,3 +242,43 @@ def prune(directory: Path, keep_last: int, keep: str | None = None) -> None:
                and p.name != keep]
     for tag in doomed:
         shutil.rmtree(directory / tag, ignore_errors=True)
+
+
+def client_state_of(tag_dir: Path) -> dict:
+    """What our pretrain.py stored next to DeepSpeed's state (config, layout, position), read safely."""
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    state = safe_load(path)
+    if not isinstance(state, dict) or "config" not in state or "layout" not in state:
+        raise CheckpointError(f"{path}: not written by megaqkv's pretrain.py (no config/layout in its client state)")
+    return state
+
+
+def model_config_of(tag_dir: Path, client: dict) -> ModelConfig:
+    try:
+        return model_config_from_dict(client["config"]["model"], source=f"{tag_dir}/mp_rank_00_model_states.pt")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def trainer_state(client: dict) -> dict:
+    """The training position and settings a conversion carries along (a consolidated trainer_state.json)."""
+    training = client["config"].get("training", {})
+    return {"step": client.get("global_steps", client.get("iteration", 0)),
+            "consumed_samples": client.get("consumed_samples", 0),
+            "skipped_steps": client.get("skipped_steps", 0),
+            "precision": training.get("precision"),
+            "seq_length": training.get("seq_length"),
+            "tokenizer": client["config"].get("data", {}).get("tokenizer"),
+            "valid": client.get("valid")}
+
+
+def install_recovery_script(directory: Path) -> None:
+    """Put our zero_to_fp32.py where DeepSpeed's save copied its own, which cannot read our checkpoints
+    (checkpoint/zero_to_fp32.py says why); same name and command line, executable like DeepSpeed's."""
+    source = Path(__file__).with_name(RECOVERY_SCRIPT)
+    tmp = directory / (RECOVERY_SCRIPT + ".tmp")
+    shutil.copyfile(source, tmp)
+    os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    os.replace(tmp, directory / RECOVERY_SCRIPT)

@@ -9,10 +9,11 @@ import torch
 from ..model import GPT
 from ..parallel.grid import SINGLE, TPGroup
 from ..parallel.sharding import shard_from_canonical
-from . import consolidated, deepspeed_format, hf, paper
+from . import consolidated, deepspeed_format, hf, paper, universal
 from .consolidated import CheckpointError, Consolidated
 
 FORMATS = ("deepspeed", "consolidated", "paper", "hf", "hf-gpt2")  # hf: the native model; either HF kind reads
+READABLE = (*FORMATS, "universal")  # DeepSpeed's universal checkpoints (ds_to_universal output) are read only
 
 
 def detect(path: Path) -> str:
@@ -24,9 +25,11 @@ def detect(path: Path) -> str:
         return "hf"
     if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
         return "paper"
+    if universal.is_universal(path):  # before deepspeed: a universal folder holds DeepSpeed's model states too
+        return "universal"
     if deepspeed_format.is_deepspeed(path):
         return "deepspeed"
-    raise CheckpointError(f"{path}: cannot tell its format; pass --from ({', '.join(FORMATS)})")
+    raise CheckpointError(f"{path}: cannot tell its format; pass --from ({', '.join(READABLE)})")
 
 
 def read(path: Path, fmt: str, tag: str | None = None, with_optimizer: bool = True, log=print) -> Consolidated:
@@ -34,6 +37,8 @@ def read(path: Path, fmt: str, tag: str | None = None, with_optimizer: bool = Tr
         return consolidated.load(path, with_optimizer, lazy=True)
     if fmt == "deepspeed":
         return deepspeed_format.read(path, tag, with_optimizer, log)
+    if fmt == "universal":
+        return universal.read(path, tag, with_optimizer)
     if fmt == "paper":
         return paper.read(path)
     return hf.read(path, log)

@@ -26,17 +26,18 @@ from ..parallel.grid import uses_cuda
 LOCK = "megaqkv_run.lock"
 
 
-def _gather(obj) -> list:
+def gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
-def problems_collectively(tag_dir: Path) -> list[tuple[str, str]]:
-    """layout.verify with the files shared out over every rank of the job; every rank gets every problem."""
+def problems_collectively(tag_dir: Path, check=layout.verify) -> list[tuple[str, str]]:
+    """`check` (layout.verify, universal.problems) with the files shared out over every rank of the job; every
+    rank gets every problem."""
     if not dist.is_initialized():
-        return layout.verify(tag_dir)
-    shares = _gather(layout.verify(tag_dir, (dist.get_rank(), dist.get_world_size())))
+        return check(tag_dir)
+    shares = gather(check(tag_dir, (dist.get_rank(), dist.get_world_size())))
     return list(dict.fromkeys(p for share in shares for p in share))  # an unreadable marker: once, not per rank
 
 
@@ -72,11 +73,12 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
     dist.broadcast_object_list(names, src=0)
     rank, world = dist.get_rank(), dist.get_world_size()
     files = {}
-    for share in _gather({n: layout.digest(tag_dir / n) for n in names[0][rank::world]}):
+    for share in gather({n: layout.digest(tag_dir / n) for n in names[0][rank::world]}):
         files.update(share)
     failure = [None]
     if rank == 0:
         try:
+            layout.install_recovery_script(directory)
             layout.write_marker(tag_dir, step, files, loss, consumed_samples=client_state["consumed_samples"])
             layout.point_latest(directory, tag)
             layout.prune(directory, keep_last, keep=tag)
@@ -86,6 +88,18 @@ def save(engine, directory: str | Path, step: int, client_state: dict, keep_last
     if failure[0]:
         raise CheckpointError(failure[0])
     return tag_dir
+
+
+def load_universal(engine, tag_dir: Path) -> dict:
+    """DeepSpeed's own universal loading of `tag_dir` (every parameter of this engine must be in it); returns the
+    client state. The switch is on for this load only: left on, DeepSpeed would read this run's own later
+    checkpoints as universal ones too."""
+    engine._config.load_universal_checkpoint = True
+    try:
+        _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    return client
 
 
 class RunLock:

@@ -78,9 +78,12 @@ def deepspeed_config(cfg: Config, batch: BatchLayout, base: dict, source: str) -
         raise ConfigError(f"{source}: 'optimizer'/'scheduler' are set by megaqkv from training.* (lr, betas, eps, "
                           "weight_decay, schedule); remove them from the DeepSpeed config")
     if ds.get("checkpoint", {}).get("load_universal"):
-        raise ConfigError(f"{source}: checkpoint.load_universal: loading DeepSpeed universal checkpoints is not "
-                          "supported yet (DeepSpeed unpickles their files with weights_only=False); convert the "
-                          "checkpoint with tools/convert_ckpt.py and use checkpoint.load")
+        if not cfg.checkpoint.load:
+            raise ConfigError(f"{source}: checkpoint.load_universal: name the universal checkpoint to start from "
+                              "with checkpoint.load (--set checkpoint.load=<ds_to_universal output folder>)")
+        # megaqkv loads it (training/loop.py), at any layout; left on, DeepSpeed would read this run's own later
+        # checkpoints as universal ones when it resumes
+        ds["checkpoint"] = {k: v for k, v in ds["checkpoint"].items() if k != "load_universal"}
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage > 1:
         raise ConfigError(f"{source}: zero_optimization.stage={stage}: DeepSpeed's pipeline engine supports ZeRO "

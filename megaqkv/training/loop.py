@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from ..analysis import qkv_baseline, sequence_exchange
-from ..checkpoint import consolidated
+from ..checkpoint import consolidated, universal
 from ..checkpoint import deepspeed_layout as layout
 from ..checkpoint.consolidated import CheckpointError
-from ..checkpoint.deepspeed_format import client_state_of
+from ..checkpoint.deepspeed_layout import client_state_of
 from ..checkpoint.engine_state import load_into_engine
 from ..config import Config, ConfigError
 from ..kernels.attention import kernels_text
@@ -134,10 +134,42 @@ def check_resumable(client: dict, cfg: Config, where: str, same_run: bool) -> No
                           f"with --set checkpoint.load={where}")
 
 
+def load_universal(engine, cfg: Config, grid: ProcessGrid, source: Path, say) -> int:
+    """A DeepSpeed universal checkpoint at any layout; returns samples consumed. Every file is first checked to
+    hold plain data only (DeepSpeed's loader unpickles with weights_only=False). DeepSpeed's own universal loader
+    is used where it finds every parameter of this layout by name. Where it cannot (fewer KV heads than TP ranks
+    on one side only: MQA/Q-MQA keep their K/V rows in a replicated `kv_proj` there, in the fused `in_proj`
+    otherwise), the folder is read as canonical tensors and scattered like a consolidated checkpoint."""
+    tag_dir = universal.locate(source)
+    problems = checkpointing.problems_collectively(tag_dir, universal.problems)
+    if problems:
+        kind = "unsafe" if any(k == "unsafe" for k, _ in problems) else "damaged"
+        raise CheckpointError(f"{tag_dir}: {kind} universal checkpoint: {layout.describe(problems)}")
+    client = client_state_of(tag_dir)
+    where = str(tag_dir)
+    check_resumable(client, cfg, where, same_run=False)
+    held = universal.parameter_names(tag_dir)
+    absent = [n for n, _ in engine.module.named_parameters() if n not in held]
+    absent = [n for share in checkpointing.gather(absent[:1]) for n in share]
+    if absent:
+        consumed = load_into_engine(engine, grid, cfg, universal.read(tag_dir), where)
+        how = (f"through its canonical tensors: DeepSpeed's universal loader finds parameters by name, and this "
+               f"layout's {absent[0]} is not among them")
+    else:
+        client = checkpointing.load_universal(engine, tag_dir)
+        if checkpointing.same_layout(client["layout"], grid):  # this rank's own random state
+            checkpointing.set_rng_state(checkpointing.resumed_rng(client, grid), grid.tp.rng)
+        consumed = client["consumed_samples"]
+        how = "with DeepSpeed's universal loader"
+    say(f"loaded universal checkpoint {tag_dir} (written at {client['layout']}) at {checkpointing.layout_of(grid)} "
+        f"{how}: step {engine.global_steps}, {consumed:,} samples consumed")
+    return consumed
+
+
 def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -> int:
     """Continue from the newest complete checkpoint in `checkpoint.dir` that verifies; else start from
-    `checkpoint.load` (a DeepSpeed checkpoint of this layout, or a consolidated one at any layout). Returns
-    samples consumed."""
+    `checkpoint.load` (a DeepSpeed checkpoint of this layout; a consolidated or a DeepSpeed universal one at
+    any layout). Returns samples consumed."""
     own = bool(ckpt_dir and layout.complete_tags(ckpt_dir))
     if ckpt_dir and not own and layout.leftovers(ckpt_dir):
         raise ConfigError(f"checkpoint.dir: {ckpt_dir} has no checkpoint that verifies, but holds "
@@ -157,6 +189,8 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
         say(f"loaded consolidated checkpoint {source} at {checkpointing.layout_of(grid)}: step {engine.global_steps}, "
             f"{consumed:,} samples consumed")
         return consumed
+    if not own and universal.is_universal(source):
+        return load_universal(engine, cfg, grid, source, say)
     # only this run's own directory is tidied: a damaged checkpoint there is moved aside once
     tag = layout.choose(source, checkpointing.problems_collectively, say, move_aside=own and grid.rank == 0)
     if tag is None:
