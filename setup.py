@@ -44,6 +44,7 @@ setup(
         "megaqkv-train-tokenizer=megaqkv.data.train_tokenizer:main",
         "megaqkv-convert=megaqkv.convert:main",
         "megaqkv-evaluate=megaqkv.evaluation.cli:evaluate_main",
+        "megaqkv-lm-eval=megaqkv.evaluation.lm_eval_cli:main",  # lm-eval's command line with --model megaqkv
         "megaqkv-generate=megaqkv.evaluation.cli:generate_main",
     ]},
 )

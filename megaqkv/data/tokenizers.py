@@ -95,6 +95,15 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode(list(map(int, ids)), skip_special_tokens=False)
 
 
+def checkpoint_tokenizer(given: str | None, recorded: str | None, option: str = "--tokenizer") -> str:
+    """The tokenizer to evaluate a checkpoint with: the one given, else the one its training run recorded
+    (data.tokenizer), else GPT-2 BPE; a recorded file that is not here is an error, not a silent GPT-2."""
+    if given is None and recorded and recorded != "gpt2" and not Path(recorded).is_file():
+        raise ValueError(f"the checkpoint was trained on data made with tokenizer {recorded}, which is not here; "
+                         f"pass {option} with its path")
+    return given or recorded or "gpt2"
+
+
 def build_tokenizer(spec: str) -> Tokenizer:
     if spec == "gpt2":
         return GPT2Tokenizer()
