@@ -1,12 +1,14 @@
-"""Shared by the benchmarks: run a command and measure its wall time and peak memory (process tree); random
-300M-shaped weights."""
+"""Shared by the benchmarks: run a command and measure its wall time, CPU time and peak memory (process tree);
+random 300M-shaped weights."""
 from __future__ import annotations
 
 import dataclasses
+import resource
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,8 +43,17 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
-    """(wall seconds, peak summed RSS in bytes sampled every 20 ms, stdout); raises on failure."""
+class Measured(NamedTuple):
+    wall: float  # seconds
+    peak: int  # largest summed RSS of the process tree, bytes, sampled every 20 ms
+    stdout: str
+    cpu: float  # user + system seconds of the process and the children it waited for
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> Measured:
+    """Runs a command to completion (one at a time: CPU time is this process's reaped-children total); raises on
+    failure."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = [0]
@@ -57,9 +68,11 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int, s
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
     sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
-    return wall, peak[0], stdout
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return Measured(wall, peak[0], stdout, cpu)
 
 
 def two_pass_attention(q, keys, values, valid, start):

@@ -48,7 +48,7 @@ def bench_300m(work: Path) -> None:
              "--set", "training.train_steps=1", "--set", "training.train_tokens=null", "--set", "training.micro_batch_size=1",
              "--set", "training.global_batch_size=1", "--set", "training.seq_length=128", "--set", "eval.tokens=128",
              "--set", "eval.interval=0"]
-    wall, peak, _ = run_measured(train, ENV)
+    wall, peak, *_ = run_measured(train, ENV)
     print(f"300M Q–K=V, one bf16 step at TP=2 to make the checkpoint: {wall:.0f} s, peak {peak / 2**30:.1f} GiB")
     tool = [sys.executable, str(REPO / "tools" / "convert_ckpt.py")]
     steps = [("DeepSpeed TP=2 → consolidated, with optimizer state", ["--to", "consolidated", "--input", str(ds),
@@ -70,7 +70,7 @@ def bench_300m(work: Path) -> None:
                                                                       str(work / "c")])]
     print("\n| conversion (300M, CPU) | wall s | peak memory |\n|---|---|---|")
     for name, args in steps:
-        wall, peak, out = run_measured(tool + args, ENV)
+        wall, peak, out, _ = run_measured(tool + args, ENV)
         print(f"| {name} | {wall:.1f} | {peak / 2**30:.2f} GiB |")
         if args[0] == "verify":
             print(f"|  ↳ {out.strip().splitlines()[-1].split(': ', 1)[1]} | | |")

@@ -2,6 +2,9 @@
 and the lm-eval adapter on local task definitions."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -187,23 +190,65 @@ def test_adapter_fits_long_generations_and_continuations_into_the_window(harness
     assert score < 0
 
 
-def test_local_tasks_through_evaluate(tmp_path, monkeypatch, capsys):
+def test_local_tasks_through_evaluate_and_lm_evals_command_line(tmp_path, monkeypatch, capsys):
+    """tools/evaluate.py and lm-eval's own command line (`megaqkv-lm-eval --model megaqkv`, no --device, the
+    tokenizer the checkpoint records) score the local tasks alike; without CUDA the CLI's default cuda:0 falls
+    back to the CPU."""
     pytest.importorskip("lm_eval")
     monkeypatch.chdir(REPO)  # the task files name their data relative to the repository root
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     ck = random_consolidated("kv")
+    tok = byte_tokenizer(tmp_path)
+    ck.trainer["tokenizer"] = str(tok)
     consolidated.save(ck, tmp_path / "c")
     cfg = ck.config
     assert cfg.vocab_size == 1000
     out = tmp_path / "r.json"
-    code = evaluate_main(["--checkpoint", str(tmp_path / "c"), "--tasks", "megaqkv_tiny_mc,megaqkv_tiny_gen,megaqkv_tiny_ppl",
-                          "--num-fewshot", "1", "--include-path", "tests/fixtures/lm_eval", "--tokenizer",
-                          str(byte_tokenizer(tmp_path)), "--json", str(out)])
+    tasks = "megaqkv_tiny_mc,megaqkv_tiny_gen,megaqkv_tiny_ppl"
+    code = evaluate_main(["--checkpoint", str(tmp_path / "c"), "--tasks", tasks, "--num-fewshot", "1",
+                          "--include-path", "tests/fixtures/lm_eval", "--tokenizer", str(tok), "--json", str(out)])
     assert code == 0
     results = json.loads(out.read_text())["lm_eval"]
     assert 0.0 <= results["megaqkv_tiny_mc"]["acc,none"] <= 1.0
     assert 0.0 <= results["megaqkv_tiny_gen"]["exact_match,none"] <= 1.0
     assert math.isfinite(results["megaqkv_tiny_ppl"]["word_perplexity,none"])
+
+    run = subprocess.run([sys.executable, "tools/run_lm_eval.py", "--model", "megaqkv", "--model_args",
+                          f"checkpoint={tmp_path / 'c'}", "--tasks", tasks, "--num_fewshot", "1", "--include_path",
+                          "tests/fixtures/lm_eval", "--batch_size", "2", "--output_path", str(tmp_path / "cli")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "megaqkv: device cuda:0 requested but CUDA is not available; using the CPU" in run.stderr
+    cli = json.loads(next((tmp_path / "cli").rglob("results_*.json")).read_text())["results"]
+    for task, metric in (("megaqkv_tiny_mc", "acc,none"), ("megaqkv_tiny_mc", "acc_norm,none"),
+                         ("megaqkv_tiny_gen", "exact_match,none"), ("megaqkv_tiny_ppl", "word_perplexity,none")):
+        assert cli[task][metric] == pytest.approx(results[task][metric], rel=1e-5), (task, metric)
+
+
+def test_importing_the_adapter_keeps_lm_evals_own_models(monkeypatch):
+    """lm-eval fills its registry with its own names only while the registry is empty; registering megaqkv
+    first used to hide them ('no model for this name found' for --model hf)."""
+    pytest.importorskip("lm_eval")
+    import importlib
+
+    from lm_eval.api.registry import get_model, model_registry
+
+    import megaqkv.evaluation.harness as harness
+
+    monkeypatch.setattr(model_registry, "_objs", {})  # a fresh process: nothing registered yet
+    monkeypatch.delitem(sys.modules, "lm_eval.models", raising=False)
+    importlib.reload(harness)
+    assert get_model("megaqkv") is harness.MegaqkvLM
+    assert get_model("dummy").__name__ == "DummyLM"
+
+
+def test_adapter_refuses_unknown_model_args():
+    pytest.importorskip("lm_eval")
+    from megaqkv.evaluation.harness import MegaqkvLM
+
+    with pytest.raises(ValueError, match="unknown model_args dtpye; it takes checkpoint"):
+        MegaqkvLM(checkpoint="unused", dtpye="bf16")
 
 
 def byte_tokenizer(tmp_path):

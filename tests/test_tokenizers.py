@@ -1,10 +1,11 @@
 """Tokenizers: GPT-2 BPE offline, cross-checked against HF tokenizers; sentencepiece trained by our tool."""
+import itertools
 import json
 
 import pytest
 import zstandard
 
-from megaqkv.data.tokenizers import GPT2_DIR, build_tokenizer
+from megaqkv.data.tokenizers import GPT2_DIR, Tokenizer, build_tokenizer
 from megaqkv.data.train_tokenizer import main as train_main
 
 from conftest import FIXTURES
@@ -42,6 +43,32 @@ def test_gpt2_equals_hf_tokenizers_implementation(tmp_path):
     texts = fixture_texts() + ["naïve café — 日本語 🙂", "  two  spaces\n\n\ttab", "'s 're 've 'll"]
     assert hf.encode_batch(texts) == ours.encode_batch(texts)
     assert hf.eod == 50256 and hf.vocab_size == 50257
+
+
+TRICKY = ["a<|endoftext|>b", "  multiple   spaces\n\n\ttabs ", "émoji 😀 中文 ﬁ", "x\r\ny", "\u00a0nbsp \u2028",
+          "'s 're 'VE 'S", "1234567 3.14", " ", "Ａ全角 ǅ ٣٤", "😀" * 5, "x" * 5000]
+
+
+def test_gpt2_preprocessing_ids_equal_tiktoken():
+    """encode_flat (gigatoken when installed, else the base class's loop over encode_batch) gives tiktoken's
+    encode_ordinary ids, special-token text and odd Unicode included."""
+    tok = build_tokenizer("gpt2")
+    texts = fixture_texts() + TRICKY
+    expected = [tok.encoding.encode_ordinary(t) for t in texts]
+    for flat, lengths in (tok.encode_flat(texts), Tokenizer.encode_flat(tok, texts)):
+        assert lengths.tolist() == [len(e) for e in expected]
+        assert flat.tolist() == list(itertools.chain.from_iterable(expected))
+
+
+def test_gpt2_fast_path_is_renewed_to_bound_its_word_cache():
+    pytest.importorskip("gigatoken")
+    tok = build_tokenizer("gpt2")
+    tok.FAST_RESET_CHARS = 100
+    texts = fixture_texts(3)
+    first, _ = tok.encode_flat(texts)
+    used = tok._fast
+    again, _ = tok.encode_flat(texts)
+    assert tok._fast is not used and again.tolist() == first.tolist()
 
 
 def test_sentencepiece_trained_by_tool(tmp_path, capsys):

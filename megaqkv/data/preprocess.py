@@ -14,7 +14,6 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
-import itertools
 import json
 import os
 import re
@@ -32,7 +31,6 @@ from .tokenizers import Tokenizer, build_tokenizer
 
 STATE_VERSION = 1
 EXIT_DAMAGED_INPUT = 3
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class PreprocessError(RuntimeError):
@@ -80,12 +78,14 @@ def parse_record(payload, keys: list[str]) -> tuple[list[str] | None, str, str |
         text = record[key]
         if not isinstance(text, str):
             return None, "", f"'{key}' is {type(text).__name__}, not a string"
-        if not text.strip():
+        if not text or text.isspace():
             return None, "", f"empty '{key}'"
-        bad = _SURROGATE.search(text)  # a lone \ud800-style escape is valid JSON but not encodable text
-        if bad:
-            return None, "", (f"'{key}' is not valid Unicode (lone surrogate U+{ord(bad.group()):04X} at character "
-                              f"{bad.start()})")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone \ud800-style escape is valid JSON but not encodable text
+                return None, "", (f"'{key}' is not valid Unicode (lone surrogate U+{ord(text[exc.start]):04X} at "
+                                  f"character {exc.start})")
         texts.append(text)
     return texts, set_name(record.get("meta")), None
 
@@ -139,13 +139,12 @@ def _process_chunk(chunk: list[tuple[int, object]], position: int) -> ChunkResul
         for k, text in enumerate(parsed):
             texts.append(text)
             docs.append((number, name, k))
-            text_sizes.append(len(text.encode("utf-8")))
-    ids = tok.encode_batch(texts) if texts else []
+            text_sizes.append(len(text) if text.isascii() else len(text.encode("utf-8")))
+    flat, lengths = tok.encode_flat(texts) if texts else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if _WORKER["eod"]:
-        ids = [seq + [tok.eod] for seq in ids]
-    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_WORKER["dtype"], count=int(lengths.sum()))
-    return ChunkResult(flat, lengths, docs, errors, text_sizes, chunk[-1][0] if chunk else 0, position, damage)
+        flat, lengths = np.insert(flat, np.cumsum(lengths), tok.eod), lengths + 1
+    return ChunkResult(flat.astype(_WORKER["dtype"]), lengths, docs, errors, text_sizes, chunk[-1][0] if chunk else 0,
+                       position, damage)
 
 
 # --------------------------------------------------------------------------- main process

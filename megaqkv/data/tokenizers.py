@@ -6,8 +6,13 @@ A tokenizer is named by a spec string so that worker processes can build their o
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
+import itertools
+import json
 from pathlib import Path
+
+import numpy as np
 
 GPT2_DIR = Path(__file__).resolve().parent / "gpt2"
 GPT2_EOD = 50256
@@ -26,6 +31,12 @@ class Tokenizer(abc.ABC):
     def decode(self, ids) -> str:
         """Text of the token ids."""
 
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids back to back (integers) and each text's token count: what preprocessing writes."""
+        ids = self.encode_batch(texts)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())), lengths
+
     def fingerprint(self) -> str:
         """Identifies the vocabulary, so a resumed run cannot mix two tokenizers in one output."""
         path = GPT2_DIR / "vocab.bpe" if self.spec == "gpt2" else Path(self.spec)
@@ -33,17 +44,29 @@ class Tokenizer(abc.ABC):
 
 
 class GPT2Tokenizer(Tokenizer):
-    """OpenAI GPT-2 BPE (50257 tokens, EOD <|endoftext|> = 50256) through tiktoken, from the shipped files."""
+    """OpenAI GPT-2 BPE (50257 tokens, EOD <|endoftext|> = 50256) through tiktoken, from the shipped files.
+
+    Preprocessing (encode_flat) goes through gigatoken when it is installed: the same ids (tests and
+    bench/preprocess.py compare them) at several times tiktoken's speed per core, the speed Megatron-LM's
+    preprocess_data_fast.py gets from it. gigatoken remembers every distinct word it has encoded, so a fresh
+    copy replaces it after FAST_RESET_CHARS characters of text, which bounds that memory."""
+
+    FAST_RESET_CHARS = 1 << 27
 
     def __init__(self):
+        self.spec, self.vocab_size, self.eod = "gpt2", 50257, GPT2_EOD
+        self._fast, self._fast_chars = None, 0
+
+    @functools.cached_property
+    def encoding(self):
+        """tiktoken's encoding, built on first use (0.5-1 s: preprocessing with gigatoken never needs it)."""
         import tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         from tiktoken_ext.openai_public import r50k_pat_str
 
         ranks = data_gym_to_mergeable_bpe_ranks(str(GPT2_DIR / "vocab.bpe"), str(GPT2_DIR / "encoder.json"))
-        self.encoding = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                                          special_tokens={"<|endoftext|>": GPT2_EOD}, explicit_n_vocab=50257)
-        self.spec, self.vocab_size, self.eod = "gpt2", 50257, GPT2_EOD
+        return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": GPT2_EOD}, explicit_n_vocab=50257)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # Special-token strings inside documents are ordinary text, as in GPT-2's own encoder.
@@ -51,6 +74,39 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        fast = self._fast_tokenizer()
+        if fast is None:
+            return super().encode_flat(texts)
+        ids = [fast.encode(t) for t in texts]  # one core (--workers says how many); numpy arrays, no list of ints
+        self._fast_chars += sum(map(len, texts))
+        flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
+        return flat, np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+
+    def _fast_tokenizer(self):
+        """gigatoken's GPT-2 (no special tokens, as encode_ordinary), made anew after FAST_RESET_CHARS; None
+        without gigatoken. Its tokenizer.json is assembled from the shipped files as text (0.1 s; going through
+        the `tokenizers` library takes 0.5 s)."""
+        if self._fast is False:
+            return None
+        if self._fast is None or self._fast_chars >= self.FAST_RESET_CHARS:
+            try:
+                import gigatoken
+            except ImportError:
+                self._fast = False
+                return None
+            merges = [m for m in (GPT2_DIR / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:] if m]
+            model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                     "vocab": "VOCAB", "merges": merges}
+            config = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                        "use_regex": True},
+                      "post_processor": None, "decoder": None, "model": model}
+            text = json.dumps(config).replace('"VOCAB"', (GPT2_DIR / "encoder.json").read_text(encoding="utf-8"), 1)
+            self._fast, self._fast_chars = gigatoken.Tokenizer.from_json(text), 0
+        return self._fast
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -93,6 +149,15 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(map(int, ids)), skip_special_tokens=False)
+
+
+def checkpoint_tokenizer(given: str | None, recorded: str | None, option: str = "--tokenizer") -> str:
+    """The tokenizer to evaluate a checkpoint with: the one given, else the one its training run recorded
+    (data.tokenizer), else GPT-2 BPE; a recorded file that is not here is an error, not a silent GPT-2."""
+    if given is None and recorded and recorded != "gpt2" and not Path(recorded).is_file():
+        raise ValueError(f"the checkpoint was trained on data made with tokenizer {recorded}, which is not here; "
+                         f"pass {option} with its path")
+    return given or recorded or "gpt2"
 
 
 def build_tokenizer(spec: str) -> Tokenizer:

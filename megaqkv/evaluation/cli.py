@@ -51,12 +51,9 @@ def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _tokenizer_spec(args, ck) -> str:
-    """--tokenizer, else what the training run recorded (data.tokenizer), else GPT-2 BPE."""
-    recorded = (ck.trainer or {}).get("tokenizer")
-    if args.tokenizer is None and recorded and recorded != "gpt2" and not Path(recorded).is_file():
-        raise ValueError(f"the checkpoint was trained on data made with tokenizer {recorded}, which is not here; "
-                         "pass --tokenizer with its path")
-    return args.tokenizer or recorded or "gpt2"
+    from ..data.tokenizers import checkpoint_tokenizer
+
+    return checkpoint_tokenizer(args.tokenizer, (ck.trainer or {}).get("tokenizer"))
 
 
 def evaluate_main(argv=None) -> int:

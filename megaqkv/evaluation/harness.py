@@ -1,4 +1,9 @@
-"""megaqkv models as an lm-evaluation-harness model (`lm_eval ... --model megaqkv --model_args checkpoint=PATH`).
+"""megaqkv models as an lm-evaluation-harness model (`--model megaqkv --model_args checkpoint=PATH`).
+
+lm-eval finds a model by name only in its own registry, which nothing outside lm-eval can extend before its
+command line looks the name up (no plugin entry points as of 0.4.13), so the model is registered when this
+module is imported: by `megaqkv-lm-eval` (lm-eval's command line with this module imported first,
+megaqkv/evaluation/lm_eval_cli.py), by tools/evaluate.py, or by a Python program.
 
 loglikelihood and loglikelihood_rolling score continuations with one batched forward per group of
 requests (right-padded, longest first); generate_until runs the KV-cached generator and cuts the
@@ -7,13 +12,16 @@ text at the first stop string. Nothing here downloads anything: tasks come from 
 """
 from __future__ import annotations
 
+import logging
+
+import lm_eval.models  # noqa: F401  lm-eval's own names: its lookup skips them once the registry holds any name
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ..data.tokenizers import Tokenizer, build_tokenizer
+from ..data.tokenizers import Tokenizer, build_tokenizer, checkpoint_tokenizer
 from ..model import GPT
 from ..model.generation import Sampling, generate
 from ..parallel.layers import gather_vocab
@@ -25,18 +33,28 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 class MegaqkvLM(TemplateLM):
     backend = "causal"
 
-    def __init__(self, checkpoint: str | None = None, model: GPT | None = None, tokenizer: str | Tokenizer = "gpt2",
-                 batch_size: int | str = 8, device: str = "cpu", dtype: str = "float32", max_length: int | None = None,
-                 **_ignored):
+    def __init__(self, checkpoint: str | None = None, model: GPT | None = None, tokenizer: str | Tokenizer | None = None,
+                 batch_size: int | str = 8, device: str | None = None, dtype: str = "float32",
+                 max_length: int | None = None, max_batch_size: int | None = None, trust_remote_code: bool = False,
+                 **unknown):
+        """max_batch_size and trust_remote_code are lm-eval's own arguments (ignored: no auto batch size, no
+        remote code); anything else unknown is a typo and refused."""
         super().__init__()
+        if unknown:
+            raise ValueError(f"megaqkv: unknown model_args {', '.join(sorted(unknown))}; it takes checkpoint, "
+                             "tokenizer, dtype (float32|bfloat16), max_length, batch_size and device")
+        if dtype not in DTYPES:
+            raise ValueError(f"megaqkv: model_args dtype={dtype}: use one of {', '.join(DTYPES)}")
         if model is None:
             if checkpoint is None:
                 raise ValueError("megaqkv: pass model_args checkpoint=PATH (any format tools/convert_ckpt.py reads)")
             from ..checkpoint.loading import load_model
 
-            model, _ = load_model(checkpoint, device=device, dtype=DTYPES[dtype], log=lambda *a: None)
+            model, ck = load_model(checkpoint, device=_device(device), dtype=DTYPES[dtype], log=lambda *a: None)
+            tokenizer = tokenizer or checkpoint_tokenizer(None, (ck.trainer or {}).get("tokenizer"),
+                                                          "model_args tokenizer=PATH")
         self.model = model.eval()
-        self.tok = build_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.tok = build_tokenizer(tokenizer or "gpt2") if tokenizer is None or isinstance(tokenizer, str) else tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self._max_length = max_length or model.cfg.max_position_embeddings
         self._device = model.wte.weight.device
@@ -113,3 +131,16 @@ class MegaqkvLM(TemplateLM):
                     cuts = [text.find(s) for s in until if s and s in text]
                     out[i] = text[:min(cuts)] if cuts else text
         return out
+
+
+def _device(requested: str | None) -> str:
+    """lm-eval's command line asks for cuda:0 unless told otherwise; without CUDA that means the CPU (as for
+    lm-eval's own `hf` model), with a warning rather than torch's 'not compiled with CUDA' assertion."""
+    cuda = torch.cuda.is_available()
+    if requested is None:
+        return "cuda" if cuda else "cpu"
+    if torch.device(requested).type == "cuda" and not cuda:
+        logging.getLogger(__name__).warning("megaqkv: device %s requested but CUDA is not available; using the CPU",
+                                            requested)
+        return "cpu"
+    return requested
