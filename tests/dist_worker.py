@@ -229,21 +229,21 @@ def rng_scenario(tp: int = 2) -> dict:
             "replica_drift": max(runs[False][1], runs[True][1])}
 
 
-def eval_scenario(preset: str, tp: int, pp: int) -> dict:
+def eval_scenario(preset: str, tp: int, pp: int, sp: int = 1) -> dict:
     """Validation through the pipeline engine (token-weighted, padded to the layout) vs a direct exact mean."""
     from megaqkv.training.data import eval_batches
     from megaqkv.training.loop import evaluate
 
-    cfg = Config(model=model_cfg(preset), parallel=ParallelConfig(tp=tp, pp=pp),
+    cfg = Config(model=model_cfg(preset), parallel=ParallelConfig(tp=tp, pp=pp, sp=sp),
                  training=TrainingConfig(micro_batch_size=2, gradient_accumulation_steps=1, seq_length=SEQ,
                                          precision="fp32", seed=SEED))
     cfg.validate()
-    grid = ProcessGrid(tp, pp)
+    grid = ProcessGrid(tp, pp, sp)
     engine = build_engine(cfg, grid)
     g = torch.Generator().manual_seed(3)
     samples = [{"tokens": torch.randint(0, VOCAB, (SEQ + 1,), generator=g).numpy(),
                 "loss_mask": (torch.rand(SEQ, generator=g) < (i + 1) / 12).float().numpy()} for i in range(11)]
-    loss, tokens = evaluate(engine, cfg, grid, eval_batches(samples, 11, 2, grid.dp_size, grid.dp_rank, SEQ))
+    loss, tokens = evaluate(engine, cfg, grid, eval_batches(samples, 11, 2, grid.dp_size, grid.dp_rank, SEQ, grid.sp))
     ref = GPT(cfg.model, seed=SEED).eval()
     total = count = 0.0
     with torch.no_grad():
@@ -440,6 +440,7 @@ SUITES = {
        ("eval tp2 kv", eval_scenario, dict(preset="kv", tp=2, pp=1)),
        ("eval pp2 qmqa", eval_scenario, dict(preset="qmqa", tp=1, pp=2)),
        ("eval dp2 qkv", eval_scenario, dict(preset="qkv", tp=1, pp=1)),
+       ("eval sp2 qmqa", eval_scenario, dict(preset="qmqa", tp=1, pp=1, sp=2)),
        ("skip large gradient norm", skip_scenario, {}),
        ("generate tp2 kv", generate_scenario, dict(preset="kv", tp=2)),
        ("generate tp2 qmqa", generate_scenario, dict(preset="qmqa", tp=2)),

@@ -93,7 +93,7 @@ def test_layout_that_does_not_fit_the_world(world2):
 
 
 @pytest.mark.parametrize("world, name", [(2, "eval tp2 kv"), (2, "eval pp2 qmqa"), (2, "eval dp2 qkv"),
-                                         (4, "eval tp2xpp2 gqa4")])
+                                         (2, "eval sp2 qmqa"), (4, "eval tp2xpp2 gqa4")])
 def test_validation_is_token_weighted_and_layout_independent(world2, world4, world, name):
     r = (world2 if world == 2 else world4)[name]
     assert r["tokens"] == r["ref_tokens"] and r["loss_diff"] <= TOL, r
