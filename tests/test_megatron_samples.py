@@ -161,18 +161,41 @@ def test_zero_validation_share_builds_no_validation_set(corpus, tmp_path):
             tmp_path=tmp_path)
 
 
-def test_blending_indices_match_megatrons_helper_for_many_weights():
-    """The vectorised greedy against Megatron's C++ build_blending_indices: random weights (some tiny), sizes that
-    cross many blocks."""
+def test_blending_indices_match_megatrons_helper(monkeypatch):
+    """The vectorised greedy against Megatron's C++ build_blending_indices, on every path it takes: small random
+    blends (few blocks, finished in order), large ones (a second parallel pass over the blocks whose guessed start was
+    wrong), 40 datasets (numpy's argmax), and a dataset of weight 7e-8 chosen once, whose difference outlasts many
+    blocks (finished in order, in plain Python)."""
     from megatron.core.datasets import helpers
 
+    from megaqkv.data import blending
+
+    paths = {"second pass": 0, "in order": 0}
+    simulate, walk = blending._simulate, blending._walk
+
+    def counted_simulate(*args, **kwargs):
+        paths["second pass"] += len(args) > 6
+        return simulate(*args, **kwargs)
+
+    def counted_walk(*args):
+        paths["in order"] += 1
+        return walk(*args)
+
+    monkeypatch.setattr(blending, "_simulate", counted_simulate)
+    monkeypatch.setattr(blending, "_walk", counted_walk)
     rng = np.random.default_rng(11)
-    for trial in range(40):
+    cases = []
+    for trial in range(30):
         w = rng.random(int(rng.integers(1, 9))) ** (1 + trial % 4)
         w[0] = 1e-5 if trial % 5 == 0 else w[0]
-        w = w / w.sum()
-        size = int(rng.integers(0, 5000))
+        cases.append((w, int(rng.integers(0, 5000))))
+    cases += [([1, 1, 1, 1e-3], 5000), ([3, 3, 2, 2, 1e-3], 8000), ([1] * 40, 5000)]  # ties: the first index wins
+    cases += [([0.3, 0.7], 100_000), ([5, 1, 2], 77_777), (rng.random(40), 30_000),
+              (np.random.default_rng(7).random(7) ** 3, 600_000)]
+    for w, size in cases:
+        w = np.asarray(w, dtype=np.float64) / np.sum(w)
         index, sample = np.zeros(size, np.int16), np.zeros(size, np.int64)
         helpers.build_blending_indices(index, sample, w, len(w), size, False)
         ours = blending_indices(w, size)
         assert np.array_equal(ours[0], index) and np.array_equal(ours[1], sample), (w, size)
+    assert paths["second pass"] and paths["in order"]

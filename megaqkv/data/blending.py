@@ -2,12 +2,16 @@
 
 Megatron's rule is a greedy: sample t goes to the dataset furthest behind its share, the first maximum of
 `weight_i × max(t, 1) − taken_i` in double precision, and is that dataset's next unused sample. Megatron runs it
-sample by sample in C++. Here it runs in numpy, exactly (the same double products and differences, the same first
-maximum), without a compiled helper: the run is cut into blocks of BLOCK samples which are all simulated at once,
-each from a guess of the counts at its start (the shares rounded). The greedy forgets a wrong start within a few
-steps, so a block whose guess was wrong is run again from the true end of the block before it, only until its
-counts meet those of its first run (from equal counts at the same step the picks are the same), and this repeats
-until every block starts where the one before it ended. The result is exactly the sequential greedy's.
+sample by sample in C++; here it runs in numpy with the same double products, differences and first maximum, so the
+result is bit for bit the same, without a compiled helper:
+
+1. The run is cut into blocks of BLOCK samples, all simulated at once (one numpy step advances every block), each
+   from a guess of the counts at its start (the shares, rounded).
+2. The greedy soon forgets a wrong start, so a block whose start differs from the end of the block before it is run
+   again from that end, all such blocks at once, each only until its counts meet those of its first run (from equal
+   counts at the same step the picks are the same). This repeats while many blocks are left.
+3. The few left (a rarely chosen dataset whose count was guessed wrong stays wrong for many blocks) are finished in
+   order in plain Python, one sample at a time while the counts differ and skipping ahead once they meet.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from .index_cache import cache_prefix, load_or_build
 from .indexed import DataError
 
 BLOCK = 256  # samples per block: long enough for a wrong start to be forgotten, short enough for wide numpy steps
+WALK_BELOW = 64  # stale blocks left at which the rest is done in order, in plain Python (faster for so few)
 MAX_DATASETS = 32767  # the dataset index is int16, as Megatron's
 
 
@@ -29,13 +34,31 @@ def normalize(weights: Sequence[float]) -> list[float]:
     return (w / w.sum()).tolist()
 
 
-def _first_guess(w: np.ndarray, t0: np.ndarray) -> np.ndarray:
-    """Counts (datasets × blocks) after t0 samples: each share rounded down, the remainders rounded up by size."""
-    exact = w[:, None] * t0[None, :].astype(np.float64)
+def _guess(w: np.ndarray, t0: np.ndarray, base: np.ndarray, t_base: int) -> np.ndarray:
+    """Counts (datasets × blocks) after t0 samples, given the exact counts `base` after t_base samples: the samples
+    in between shared by weight, each share rounded down and the ones left over given to the largest remainders."""
+    exact = base[:, None] + w[:, None] * (t0 - t_base)[None, :].astype(np.float64)
     counts = np.floor(exact)
     missing = t0 - counts.sum(axis=0).astype(np.int64)
-    rank = np.argsort(np.argsort(counts - exact, axis=0, kind="stable"), axis=0, kind="stable")
-    return counts + (rank < missing[None, :])
+    plus = np.zeros(counts.shape, dtype=bool)
+    np.put_along_axis(plus, np.argsort(counts - exact, axis=0), np.arange(len(w))[:, None] < missing, axis=0)
+    return counts + plus
+
+
+def _first_max(w: np.ndarray, here: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per column, the row of the first maximum of w × here − counts: Megatron's scan, which takes a later dataset
+    only when its value is strictly larger (a loop for a few rows, argmax over many)."""
+    if len(counts) > 4:
+        error = np.multiply(w, here)
+        return np.subtract(error, counts, out=error).argmax(axis=0)
+    best = w[0] * here - counts[0]
+    choice = np.zeros(counts.shape[1], dtype=np.intp)
+    for j in range(1, len(counts)):
+        error = w[j] * here - counts[j]
+        ahead = error > best
+        np.copyto(best, error, where=ahead)
+        choice[ahead] = j
+    return choice
 
 
 def _simulate(w: np.ndarray, t0: np.ndarray, counts: np.ndarray, picks: np.ndarray, taken: np.ndarray,
@@ -49,38 +72,74 @@ def _simulate(w: np.ndarray, t0: np.ndarray, counts: np.ndarray, picks: np.ndarr
     """
     counts = np.array(counts, dtype=np.float64, order="C")
     diff = None if earlier is None else counts - earlier
+    apart = None if diff is None else (diff != 0).sum(axis=0)  # datasets whose counts differ, per column
     live = np.arange(picks.shape[1]) if columns is None else np.asarray(columns)
     at = slice(None) if columns is None else live
     t = t0.astype(np.float64)
     lane = np.arange(len(live))
     for s in range(picks.shape[0]):
-        here = np.maximum(t, 1.0) if s < 2 else t  # Megatron's max(t, 1): samples 0 and 1 share t = 1
-        best = w[0] * here - counts[0]
-        choice = np.zeros(len(live), dtype=np.intp)
-        for j in range(1, len(w)):
-            error = w[j] * here - counts[j]
-            ahead = error > best
-            np.copyto(best, error, where=ahead)
-            choice[ahead] = j
-        slot = choice * len(live) + lane
-        flat = counts.reshape(-1)
+        pick = _first_max(w[:, None], np.maximum(t, 1.0) if s < 2 else t, counts)  # Megatron's max(t, 1)
         if diff is not None:
-            before = picks[s, at].astype(np.intp) * len(live) + lane
-        picks[s, at] = choice
-        taken[s, at] = flat[slot]
-        flat[slot] += 1
+            before = picks[s, at].astype(np.intp)
+        picks[s, at] = pick
+        slot = pick * len(live) + lane  # (pick, lane) in the flat C-ordered matrix: faster than 2-d indexing
+        taken[s, at] = counts.reshape(-1)[slot]
+        counts.reshape(-1)[slot] += 1
         t += 1.0
         if diff is None:
             continue
-        diff.reshape(-1)[slot] += 1
-        diff.reshape(-1)[before] -= 1
-        running = diff.any(axis=0)
-        if not running.all():
-            live, counts, diff, t = live[running], counts[:, running].copy(), diff[:, running].copy(), t[running]
+        for j, step in ((pick, 1), (before, -1)):
+            was = diff[j, lane]
+            apart += (was + step != 0).astype(np.intp) - (was != 0)
+            diff[j, lane] = was + step
+        met = apart == 0  # a column that met its earlier run would repeat it: dropped once a quarter have met
+        if 4 * np.count_nonzero(met) >= len(live) > 0:
+            running = ~met
+            live, t, apart = live[running], t[running], apart[running]
+            counts, diff = np.ascontiguousarray(counts[:, running]), diff[:, running]
             at, lane = live, np.arange(len(live))
             if not len(live):
                 break
     return live, counts
+
+
+def _walk(w: np.ndarray, t0: np.ndarray, start: np.ndarray, end: np.ndarray, picks: np.ndarray, taken: np.ndarray,
+          first: int) -> None:
+    """Make every block from `first` on start where the one before it ends, in order, one sample at a time while
+    the true counts differ from a block's run and skipping the rest of the block once they meet."""
+    rates = w.tolist()
+
+    def choose(here: float, c) -> int:  # Megatron's scan; numpy's first argmax for many datasets
+        if len(c) > 32:
+            return int((w * here - np.asarray(c)).argmax())
+        pick, best = 0, rates[0] * here - c[0]
+        for j in range(1, len(c)):
+            error = rates[j] * here - c[j]
+            if error > best:
+                pick, best = j, error
+        return pick
+
+    counts = end[:, first - 1].copy()
+    for b in range(first, start.shape[1]):
+        if (counts == start[:, b]).all():
+            counts = end[:, b].copy()
+            continue
+        diff = (counts - start[:, b]).tolist()
+        apart = int((counts != start[:, b]).sum())
+        c = counts.copy() if len(w) > 32 else counts.tolist()
+        for s in range(picks.shape[0]):
+            pick = choose(max(float(t0[b] + s), 1.0), c)
+            before = int(picks[s, b])
+            picks[s, b], taken[s, b] = pick, c[pick]
+            c[pick] += 1
+            for j, step in ((pick, 1), (before, -1)):
+                apart += (diff[j] + step != 0) - (diff[j] != 0)
+                diff[j] += step
+            if not apart:  # the block's own run from here on is the true one
+                break
+        if apart:
+            end[:, b] = c
+        counts = end[:, b].copy()
 
 
 def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +150,7 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
         raise ValueError(f"a blend takes 1 to {MAX_DATASETS} datasets, got {len(w)}")
     blocks = -(-size // BLOCK)
     t0 = np.arange(blocks, dtype=np.int64) * BLOCK
-    start = _first_guess(w, t0)
+    start = _guess(w, t0, np.zeros(len(w)), 0)
     picks = np.empty((BLOCK, blocks), dtype=np.int16)
     taken = np.empty((BLOCK, blocks), dtype=np.int64)
     end = np.empty_like(start)
@@ -99,7 +158,9 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
     end[:, ran] = counts
     while True:
         stale = np.nonzero((start[:, 1:] != end[:, :-1]).any(axis=0))[0] + 1
-        if not len(stale):
+        if len(stale) <= WALK_BELOW:  # a few left (a difference that lasts, from a rarely chosen dataset): in order
+            if len(stale):
+                _walk(w, t0, start, end, picks, taken, int(stale[0]))
             break
         earlier = start[:, stale]
         start[:, stale] = end[:, stale - 1]
@@ -130,8 +191,8 @@ class BlendedDataset:
         for i, (ds, n) in enumerate(zip(self.datasets, taken)):
             if n > len(ds):
                 raise DataError(f"{ds.indexed.idx_path}: the blend takes {n:,} samples from it (dataset {i}), but it "
-                                f"holds {len(ds):,}; Megatron would refuse this blend too (raise its weight or give "
-                                "it more data)")
+                                f"holds {len(ds):,}; megatron-core refuses such a blend too (its 0.5% surplus is short "
+                                "here): change the weights or the number of samples slightly")
 
     def _consistent(self, arrays: list[np.ndarray]) -> bool:
         index, sample = arrays
