@@ -34,27 +34,28 @@ def normalize(weights: Sequence[float]) -> list[float]:
     return (w / w.sum()).tolist()
 
 
-def _guess(w: np.ndarray, t0: np.ndarray, base: np.ndarray, t_base: int) -> np.ndarray:
-    """Counts (datasets × blocks) after t0 samples, given the exact counts `base` after t_base samples: the samples
-    in between shared by weight, each share rounded down and the ones left over given to the largest remainders."""
-    exact = base[:, None] + w[:, None] * (t0 - t_base)[None, :].astype(np.float64)
+def _guess(w: np.ndarray, t0: np.ndarray) -> np.ndarray:
+    """Counts (blocks × datasets) after t0 samples: each share rounded down, the ones left over given to the largest
+    remainders."""
+    exact = t0[:, None].astype(np.float64) * w[None, :]
     counts = np.floor(exact)
-    missing = t0 - counts.sum(axis=0).astype(np.int64)
+    missing = t0 - counts.sum(axis=1).astype(np.int64)
     plus = np.zeros(counts.shape, dtype=bool)
-    np.put_along_axis(plus, np.argsort(counts - exact, axis=0), np.arange(len(w))[:, None] < missing, axis=0)
+    np.put_along_axis(plus, np.argsort(counts - exact, axis=1), np.arange(len(w))[None, :] < missing[:, None], axis=1)
     return counts + plus
 
 
 def _first_max(w: np.ndarray, here: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per column, the row of the first maximum of w × here − counts: Megatron's scan, which takes a later dataset
-    only when its value is strictly larger (a loop for a few rows, argmax over many)."""
-    if len(counts) > 4:
-        error = np.multiply(w, here)
-        return np.subtract(error, counts, out=error).argmax(axis=0)
-    best = w[0] * here - counts[0]
-    choice = np.zeros(counts.shape[1], dtype=np.intp)
-    for j in range(1, len(counts)):
-        error = w[j] * here - counts[j]
+    """Per row of `counts` (blocks × datasets), the dataset of the first maximum of w × here − counts: Megatron's
+    scan, which takes a later dataset only when its value is strictly larger (numpy's first argmax; for a few
+    datasets, a loop over them is faster)."""
+    if counts.shape[1] > 4:
+        error = np.multiply(here[:, None], w[None, :])
+        return np.subtract(error, counts, out=error).argmax(axis=1)
+    best = w[0] * here - counts[:, 0]
+    choice = np.zeros(len(counts), dtype=np.intp)
+    for j in range(1, counts.shape[1]):
+        error = w[j] * here - counts[:, j]
         ahead = error > best
         np.copyto(best, error, where=ahead)
         choice[ahead] = j
@@ -62,41 +63,40 @@ def _first_max(w: np.ndarray, here: np.ndarray, counts: np.ndarray) -> np.ndarra
 
 
 def _simulate(w: np.ndarray, t0: np.ndarray, counts: np.ndarray, picks: np.ndarray, taken: np.ndarray,
-              columns: np.ndarray | None = None, earlier: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Run the greedy for picks.shape[0] steps from sample t0[k] and `counts[:, k]` for every k at once, writing the
-    choice at step s into picks[s, columns[k]] and the chosen dataset's count before it into taken[s, columns[k]].
+              blocks: np.ndarray | None = None, earlier: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run the greedy for picks.shape[0] steps from sample t0[k] and counts[k] for every k at once, writing the pick
+    at step s into picks[s, blocks[k]] and the picked dataset's count before it into taken[s, blocks[k]].
 
-    Without `columns`, all columns run. With `earlier` (the counts these columns started from when they last ran), a
-    run stops as soon as its counts equal that earlier run's at the same step, keeping the rest of the earlier run.
-    Returns the columns that ran to the end and their counts there.
+    Without `blocks`, all blocks run. With `earlier` (the counts these blocks started from when they last ran), a run
+    stops once its counts equal that earlier run's at the same step, keeping the rest of the earlier run. Returns the
+    blocks that ran to the end and their counts there.
     """
     counts = np.array(counts, dtype=np.float64, order="C")
     diff = None if earlier is None else counts - earlier
-    apart = None if diff is None else (diff != 0).sum(axis=0)  # datasets whose counts differ, per column
-    live = np.arange(picks.shape[1]) if columns is None else np.asarray(columns)
-    at = slice(None) if columns is None else live
+    apart = None if diff is None else (diff != 0).sum(axis=1)  # datasets whose counts differ, per block
+    live = np.arange(picks.shape[1]) if blocks is None else np.asarray(blocks)
+    at = slice(None) if blocks is None else live
     t = t0.astype(np.float64)
     lane = np.arange(len(live))
     for s in range(picks.shape[0]):
-        pick = _first_max(w[:, None], np.maximum(t, 1.0) if s < 2 else t, counts)  # Megatron's max(t, 1)
+        pick = _first_max(w, np.maximum(t, 1.0) if s < 2 else t, counts)  # Megatron's max(t, 1)
         if diff is not None:
             before = picks[s, at].astype(np.intp)
         picks[s, at] = pick
-        slot = pick * len(live) + lane  # (pick, lane) in the flat C-ordered matrix: faster than 2-d indexing
+        slot = lane * counts.shape[1] + pick  # (lane, pick) in the flat matrix: faster than 2-d indexing
         taken[s, at] = counts.reshape(-1)[slot]
         counts.reshape(-1)[slot] += 1
         t += 1.0
         if diff is None:
             continue
         for j, step in ((pick, 1), (before, -1)):
-            was = diff[j, lane]
+            was = diff[lane, j]
             apart += (was + step != 0).astype(np.intp) - (was != 0)
-            diff[j, lane] = was + step
-        met = apart == 0  # a column that met its earlier run would repeat it: dropped once a quarter have met
+            diff[lane, j] = was + step
+        met = apart == 0  # a block that met its earlier run would repeat it: dropped once a quarter have met
         if 4 * np.count_nonzero(met) >= len(live) > 0:
             running = ~met
-            live, t, apart = live[running], t[running], apart[running]
-            counts, diff = np.ascontiguousarray(counts[:, running]), diff[:, running]
+            live, t, apart, counts, diff = live[running], t[running], apart[running], counts[running], diff[running]
             at, lane = live, np.arange(len(live))
             if not len(live):
                 break
@@ -119,13 +119,13 @@ def _walk(w: np.ndarray, t0: np.ndarray, start: np.ndarray, end: np.ndarray, pic
                 pick, best = j, error
         return pick
 
-    counts = end[:, first - 1].copy()
-    for b in range(first, start.shape[1]):
-        if (counts == start[:, b]).all():
-            counts = end[:, b].copy()
+    counts = end[first - 1].copy()
+    for b in range(first, len(start)):
+        if (counts == start[b]).all():
+            counts = end[b].copy()
             continue
-        diff = (counts - start[:, b]).tolist()
-        apart = int((counts != start[:, b]).sum())
+        diff = (counts - start[b]).tolist()
+        apart = int((counts != start[b]).sum())
         c = counts.copy() if len(w) > 32 else counts.tolist()
         for s in range(picks.shape[0]):
             pick = choose(max(float(t0[b] + s), 1.0), c)
@@ -138,8 +138,8 @@ def _walk(w: np.ndarray, t0: np.ndarray, start: np.ndarray, end: np.ndarray, pic
             if not apart:  # the block's own run from here on is the true one
                 break
         if apart:
-            end[:, b] = c
-        counts = end[:, b].copy()
+            end[b] = c
+        counts = end[b].copy()
 
 
 def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,24 +148,23 @@ def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, n
     w = np.asarray(weights, dtype=np.float64)
     if not 0 < len(w) <= MAX_DATASETS:
         raise ValueError(f"a blend takes 1 to {MAX_DATASETS} datasets, got {len(w)}")
-    blocks = -(-size // BLOCK)
-    t0 = np.arange(blocks, dtype=np.int64) * BLOCK
-    start = _guess(w, t0, np.zeros(len(w)), 0)
-    picks = np.empty((BLOCK, blocks), dtype=np.int16)
-    taken = np.empty((BLOCK, blocks), dtype=np.int64)
+    t0 = np.arange(-(-size // BLOCK), dtype=np.int64) * BLOCK
+    start = _guess(w, t0)
+    picks = np.empty((BLOCK, len(t0)), dtype=np.int16)
+    taken = np.empty((BLOCK, len(t0)), dtype=np.int64)
     end = np.empty_like(start)
     ran, counts = _simulate(w, t0, start, picks, taken)
-    end[:, ran] = counts
+    end[ran] = counts
     while True:
-        stale = np.nonzero((start[:, 1:] != end[:, :-1]).any(axis=0))[0] + 1
+        stale = np.nonzero((start[1:] != end[:-1]).any(axis=1))[0] + 1
         if len(stale) <= WALK_BELOW:  # a few left (a difference that lasts, from a rarely chosen dataset): in order
             if len(stale):
                 _walk(w, t0, start, end, picks, taken, int(stale[0]))
             break
-        earlier = start[:, stale]
-        start[:, stale] = end[:, stale - 1]
-        ran, counts = _simulate(w, t0[stale], start[:, stale], picks, taken, stale, earlier)
-        end[:, ran] = counts
+        earlier = start[stale]
+        start[stale] = end[stale - 1]
+        ran, counts = _simulate(w, t0[stale], start[stale], picks, taken, stale, earlier)
+        end[ran] = counts
     return picks.T.reshape(-1)[:size], taken.T.reshape(-1)[:size]
 
 
