@@ -7,14 +7,11 @@ Run with `-s` to see the comparison table (cases, samples compared, first differ
 import numpy as np
 import pytest
 
-megatron_builder = pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder")
-from megatron.core.datasets.gpt_dataset import GPTDataset as MegatronGPTDataset  # noqa: E402
-from megatron.core.datasets.gpt_dataset import GPTDatasetConfig  # noqa: E402
-from megatron.core.tokenizers import MegatronTokenizer  # noqa: E402
+pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder")
+from megatron_reference import NO_DATASET, compare as compare_with_megatron  # noqa: E402
 
-from megaqkv.data.blending import BlendedDataset, blending_indices  # noqa: E402
-from megaqkv.data.builder import SPLITS, build_split  # noqa: E402
-from megaqkv.data.gpt_dataset import GPTDataset  # noqa: E402
+from megaqkv.data.blending import blending_indices  # noqa: E402
+from megaqkv.data.builder import build_split  # noqa: E402
 from megaqkv.data.indexed import IndexedDataset, IndexedDatasetWriter  # noqa: E402
 
 SEQ = 64
@@ -51,59 +48,10 @@ def corpus(tmp_path_factory):
             "issue": write("issue", np.random.default_rng(8).integers(1, 120, 100), 4)}
 
 
-def megatron_splits(seed, sizes, blend=None, blend_per_split=None, split=None):
-    config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=SEQ, blend=blend, blend_per_split=blend_per_split, split=split,
-        tokenizer=MegatronTokenizer.from_pretrained(metadata_path={"library": "null"}, vocab_size=50_000),
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
-    return megatron_builder.BlendedMegatronDatasetBuilder(MegatronGPTDataset, sizes, lambda: True, config).build()
-
-
-def same_gpt_indices(ours: GPTDataset, theirs) -> None:
-    assert np.array_equal(ours.doc_idx, theirs.document_index)
-    assert np.array_equal(ours.sample_idx, theirs.sample_index)
-    assert np.array_equal(ours.shuffle_idx, theirs.shuffle_index)
-
-
-def first_difference(ours, theirs) -> tuple[int, str]:
-    """(samples compared, index of the first sample whose tokens differ or 'none')."""
-    assert len(ours) == len(theirs)
-    for i in range(len(ours)):
-        s = theirs[i]
-        text = np.concatenate([s["tokens"].numpy(), s["labels"].numpy()[-1:]])
-        if not np.array_equal(ours[i]["tokens"], text):
-            return len(ours), str(i)
-    return len(ours), "none"
-
-
-def compare(case, prefixes, weights, sizes, seed=1234, ratios=(90, 7, 3), separate=False, tmp_path=None):
-    """Build every split both ways and check index arrays and tokens. `separate`: each split has its own paths
-    (Megatron's --train/valid/test-data-path); otherwise one blend is split by `ratios`, which must give every split
-    of a positive share at least one document of every prefix (Megatron loops forever on an empty one)."""
-    blend = (list(prefixes), None if weights is None else list(weights))
-    if separate:
-        theirs = megatron_splits(seed, sizes, blend_per_split=[blend, blend, None])
-    else:
-        theirs = megatron_splits(seed, sizes, blend=blend, split=",".join(str(r) for r in ratios))
-    for split, name in enumerate(SPLITS):
-        if separate and split == 2:
-            continue
-        ours = build_split(prefixes, weights, sizes[split], SEQ, seed, ratios=None if separate else ratios,
-                           split=split, cache_dir=tmp_path / case.replace(" ", "_"))
-        assert (ours is None) == (theirs[split] is None), (case, name)
-        if ours is None:
-            ROWS.append((case, name, 0, "none (no dataset, as in Megatron)"))
-            continue
-        if isinstance(ours, BlendedDataset):
-            assert np.array_equal(ours.dataset_index, theirs[split].dataset_index)
-            assert np.array_equal(ours.dataset_sample_index, theirs[split].dataset_sample_index)
-            for part, their_part in zip(ours.datasets, theirs[split].datasets):
-                same_gpt_indices(part, their_part)
-        else:
-            same_gpt_indices(ours, theirs[split])
-        n, first = first_difference(ours, theirs[split])
-        ROWS.append((case, name, n, first))
-        assert first == "none", (case, name, first)
+def compare(case, prefixes, weights, sizes, seed=1234, ratios=(90, 7, 3), tmp_path=None):
+    rows = compare_with_megatron(case, prefixes, weights, sizes, SEQ, seed, tmp_path, ratios)
+    ROWS.extend(rows)
+    assert all(first in ("none", NO_DATASET) for *_, first in rows), rows
 
 
 def test_single_prefix(corpus, tmp_path):
@@ -128,10 +76,12 @@ def test_sizes_around_the_epoch_boundaries(corpus, tmp_path, delta):
     tokens = int(IndexedDataset(corpus["c"]).sizes.sum())
     per_epoch = (tokens - 1) // SEQ
     threshold = ((2 * tokens - 1) // SEQ) + int(0.8 * per_epoch)  # two whole epochs, then the threshold
-    sizes = [per_epoch + delta, 2 * per_epoch + delta, threshold + delta]
-    compare(f"epoch boundary {delta:+d}", [corpus["c"]], None, sizes, separate=True, tmp_path=tmp_path)
+    compare(f"epoch boundary {delta:+d}", [corpus["c"]], None, [per_epoch + delta, 2 * per_epoch + delta, 0],
+            ratios=None, tmp_path=tmp_path)
     compare(f"threshold {delta:+d}", [corpus["c"]], None, [threshold + delta, 1, 1], ratios=(1, 0, 0),
             tmp_path=tmp_path)
+    third = build_split([corpus["c"]], None, threshold + delta, SEQ, 1234, ratios=(1, 0, 0), cache_dir=tmp_path)
+    assert (sorted(third.doc_idx[-40:].tolist()) == list(range(40))) == (delta < 0)  # below it: shuffled on its own
 
 
 def test_weighted_blend_of_two(corpus, tmp_path):
@@ -152,7 +102,7 @@ def test_unweighted_blend_is_by_size_over_one_epoch(corpus, tmp_path):
 
 
 def test_separate_paths_per_split(corpus, tmp_path):
-    compare("per-split paths, blend 0.6/0.4", [corpus["a"], corpus["c"]], [0.6, 0.4], [1500, 200, 0], separate=True,
+    compare("per-split paths, blend 0.6/0.4", [corpus["a"], corpus["c"]], [0.6, 0.4], [1500, 200, 0], ratios=None,
             tmp_path=tmp_path)
 
 
