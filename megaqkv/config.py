@@ -195,11 +195,13 @@ class TrainingConfig:
 class DataConfig:
     """Indexed datasets (prefixes of .bin/.idx made by tools/preprocess_data.py)."""
 
-    # Prefixes, or weights and prefixes in turn as Megatron's --data-path: [0.7, a_document, 0.3, b_document].
+    # As Megatron's --data-path: weights and prefixes in turn, [0.7, a_document, 0.3, b_document], or prefixes alone,
+    # blended in proportion to their sizes over one pass each (data/builder.py).
     path: list[typing.Any] = dataclasses.field(default_factory=list)
-    # Validation prefixes; when empty, validation comes from `split` of `path`.
+    # Validation prefixes, as `path`; when empty, validation comes from `split` of `path`.
     valid_path: list[typing.Any] = dataclasses.field(default_factory=list)
-    split: list[float] = dataclasses.field(default_factory=lambda: [969.0, 30.0, 1.0])  # train/valid/test
+    # train/valid/test shares of every prefix of `path`; a validation share of 0 without valid_path: no evaluation
+    split: list[float] = dataclasses.field(default_factory=lambda: [969.0, 30.0, 1.0])
     mode: Literal["packed", "document"] = "packed"  # document: one document per sample, padding masked
     cache_dir: typing.Optional[str] = None  # sample-index cache (default: next to the data)
     source: typing.Optional[str] = None  # the corpus the prefixes come from, for the "missing data" hint
@@ -209,7 +211,7 @@ class DataConfig:
 
     def validate(self, prefix: str = "data.") -> None:
         for key in ("path", "valid_path"):
-            weighted_prefixes(getattr(self, key), prefix + key)
+            blend_of(getattr(self, key), prefix + key)
         if self.tokenizer not in (None, "gpt2") and not self.tokenizer.endswith((".model", ".json")):
             raise FieldError(prefix + "tokenizer", f"{self.tokenizer!r} is not gpt2, a sentencepiece .model or a HF "
                                                    "tokenizer.json (the tokenizer tools/preprocess_data.py used)")
@@ -218,15 +220,15 @@ class DataConfig:
                                                f"positive train share, got {self.split}")
 
 
-def weighted_prefixes(items: list, key: str = "data.path") -> list[tuple[float, str]]:
-    """[a, b] -> [(1, a), (1, b)];  [0.7, a, 0.3, b] -> [(0.7, a), (0.3, b)]."""
+def blend_of(items: list, key: str = "data.path") -> tuple[list[str], list[float] | None]:
+    """[a, b] -> ([a, b], None);  [0.7, a, 0.3, b] -> ([a, b], [0.7, 0.3]) (as Megatron reads --data-path)."""
     if all(isinstance(i, str) for i in items):
-        return [(1.0, i) for i in items]
+        return list(items), None
     pairs = list(zip(items[::2], items[1::2]))
-    if len(items) % 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+    if len(items) % 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
                                  and isinstance(p, str) for w, p in pairs):
-        raise FieldError(key, f"expected prefixes, or weight and prefix in turn (0.7 a 0.3 b), got {items}")
-    return [(float(w), p) for w, p in pairs]
+        raise FieldError(key, f"expected prefixes, or positive weight and prefix in turn (0.7 a 0.3 b), got {items}")
+    return [p for _, p in pairs], [float(w) for w, _ in pairs]
 
 
 @dataclass

@@ -1,11 +1,19 @@
-"""GPT samples: packing properties, Megatron's epoch rules, document mode, cache, splits, blending, resume."""
+"""GPT samples: packing properties, Megatron's epoch rules, document mode, cache, splits, blending, resume.
+(Equality with megatron-core itself: test_megatron_samples.py.)"""
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from megaqkv.data.gpt_dataset import BlendedDataset, GPTDataset, SampleConfig, blend_indices, \
-    blend_sample_counts, micro_batch_indices, packed_indices, split_ranges
-from megaqkv.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megaqkv.config import load_config
+from megaqkv.data.blending import BlendedDataset, blending_indices, normalize
+from megaqkv.data.builder import build_split, per_dataset_sizes
+from megaqkv.data.gpt_dataset import GPTDataset, SampleConfig, micro_batch_indices, packed_indices, split_ranges
+from megaqkv.data.indexed import DataError, IndexedDataset, IndexedDatasetWriter
+from megaqkv.training.data import build_datasets
+
+from conftest import MODEL_CONFIGS, REPO
 
 
 @pytest.fixture
@@ -68,6 +76,16 @@ def test_epochs_and_separate_last_epoch():
     assert sorted(doc_idx[20:].tolist()) != list(range(10))
 
 
+def test_last_epoch_threshold_is_megatrons_integer_one():
+    """12 documents of 10 tokens, seq 10: 11 samples per epoch, int(0.8 × 11) = 8 (the float is 8.8). The third epoch
+    used for 8 samples is not separate (Megatron: 8 < 8 is false), for 7 it is."""
+    sizes = np.full(12, 10, dtype=np.int32)
+    before_last = (2 * 120 - 1) // 10
+    for from_last, separate in ((8, False), (7, True)):
+        doc_idx, _, _ = packed_indices(sizes, 10, before_last + from_last, seed=0)
+        assert len(doc_idx) == 36 and (sorted(doc_idx[24:].tolist()) == list(range(12))) == separate
+
+
 def test_determinism_and_seed(corpus, tmp_path):
     ds, _ = corpus
     a = GPTDataset(ds, SampleConfig(8, 50, seed=1), cache_dir=tmp_path / "a")
@@ -114,6 +132,7 @@ def test_document_mode_masks_padding(corpus):
 def test_splits_cover_the_data(corpus):
     assert split_ranges(1000, [969, 30, 1]) == [(0, 969), (969, 999), (999, 1000)]
     assert split_ranges(10, [1, 0, 0]) == [(0, 10), (10, 10), (10, 10)]
+    assert split_ranges(10, [5, 1, 1]) == [(0, 7), (7, 9), (9, 10)]  # 7.142..., 8.571... rounded as Megatron does
     ds, _ = corpus
     (a, b), (c, d) = split_ranges(len(ds), [80, 20])
     valid = GPTDataset(ds, SampleConfig(8, 10, seed=0, doc_start=c, doc_stop=d), name="valid")
@@ -123,18 +142,62 @@ def test_splits_cover_the_data(corpus):
 
 
 def test_blending_proportions(corpus, tmp_path):
-    which, rank = blend_indices([0.5, 0.3, 0.2], 1000)
-    for prefix in (10, 97, 500, 1000):
+    w = normalize([0.5, 0.3, 0.2])
+    which, rank = blending_indices(w, 1000)
+    for prefix in (10, 97, 500, 1000):  # Megatron's greedy keeps every prefix within about one sample of its share
         counts = np.bincount(which[:prefix], minlength=3)
-        assert np.all(np.abs(counts - np.array([0.5, 0.3, 0.2]) * prefix) <= 1.0), (prefix, counts)
+        assert np.all(np.abs(counts - np.array(w) * prefix) <= 1.5), (prefix, counts)
     for i in range(3):  # each dataset is read in order 0, 1, 2, ...
         assert rank[which == i].tolist() == list(range((which == i).sum()))
     ds, _ = corpus
-    counts = blend_sample_counts([3, 1], 100)
-    parts = [GPTDataset(ds, SampleConfig(8, n, seed=s), cache_dir=tmp_path / str(s)) for s, n in enumerate(counts)]
-    blend = BlendedDataset(parts, [3, 1], 100)
-    assert np.array_equal(blend[0]["tokens"], parts[0][0]["tokens"])
-    assert np.bincount(blend.dataset_index).tolist() == [75, 25]
+    blend = build_split([str(ds.idx_path)[:-4]] * 2, [3, 1], 100, 8, seed=4, cache_dir=tmp_path)
+    assert [p.cfg.num_samples for p in blend.datasets] == per_dataset_sizes(normalize([3, 1]), 100, 0.005) == [76, 26]
+    assert [p.cfg.seed for p in blend.datasets] == [4, 4]  # one seed for every dataset, as in Megatron
+    assert len(blend) == 100 and np.bincount(blend.dataset_index).tolist() == [75, 25]
+    assert np.array_equal(blend[0]["tokens"], blend.datasets[0][0]["tokens"])
+    index_file = Path(f"{blend.cache_prefix}-dataset_index.npy")
+    stamp = index_file.stat().st_mtime_ns
+    again = BlendedDataset(blend.datasets, [3, 1], 100, tmp_path)
+    assert np.array_equal(again.dataset_index, blend.dataset_index) and index_file.stat().st_mtime_ns == stamp
+
+
+def test_blend_index_cache_is_rebuilt_when_damaged(corpus, tmp_path):
+    ds, _ = corpus
+    parts = [GPTDataset(ds, SampleConfig(8, 60, seed=1), tmp_path)] * 2
+    blend = BlendedDataset(parts, [1, 2], 50, tmp_path)
+    expected = np.array(blend.dataset_index)
+    np.save(f"{blend.cache_prefix}-dataset_index.npy", np.full(50, 7, dtype=np.int16))  # a dataset that is not there
+    assert np.array_equal(BlendedDataset(parts, [1, 2], 50, tmp_path).dataset_index, expected)
+
+
+def config(tmp_path, *overrides):
+    return load_config(MODEL_CONFIGS / "tiny_kv.yaml", REPO / "train_configs" / "tiny.yaml",
+                       [f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def test_zero_validation_share_means_no_validation_set(corpus, tmp_path):
+    ds, _ = corpus
+    prefix = json.dumps([str(ds.idx_path)[:-4]])
+    said = []
+    train, valid = build_datasets(config(tmp_path, f"data.path={prefix}", "data.valid_path=[]", "data.split=[9, 0, 1]",
+                                         "training.seq_length=8"), 20, 5, say=said.append)
+    assert valid is None and len(train) >= 20 and train.doc_range == (0, 54)
+    assert said == ["no validation set: data.split=[9.0, 0.0, 1.0] gives validation no share and data.valid_path is "
+                    "empty, so evaluation is off (as in Megatron)"]
+
+
+def test_unweighted_prefixes_are_one_pass_each_and_say_so_when_short(corpus, tmp_path):
+    ds, _ = corpus
+    prefix = str(ds.idx_path)[:-4]
+    cfg = config(tmp_path, f"data.path={json.dumps([prefix, prefix])}", f"data.valid_path={json.dumps([prefix])}",
+                 "training.seq_length=8")
+    per_pass = (int(ds.sizes.sum()) - 1) // 8
+    train, _ = build_datasets(cfg, 2 * per_pass, 4, say=print)
+    assert len(train) == 2 * per_pass and np.bincount(train.dataset_index).tolist() == [per_pass, per_pass]
+    with pytest.raises(DataError, match=f"data.path lists 2 prefixes without weights: as in Megatron they are blended "
+                                        f"in proportion to their sizes over one pass each, {2 * per_pass:,} samples of "
+                                        f"9 tokens, but the train set needs {2 * per_pass + 1:,}; give weights"):
+        build_datasets(cfg, 2 * per_pass + 1, 4, say=print)
 
 
 def test_resume_reads_exactly_the_remaining_samples():

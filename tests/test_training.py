@@ -94,8 +94,13 @@ def test_sigterm_saves_and_a_half_written_checkpoint_is_skipped(tmp_path, slim_d
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    resumed = train(["--pp=2", "--save", str(ckpt), *slim_data, "--set", f"training.train_steps={step + 2}",
-                     "--set", "eval.interval=0", "--set", "eval.at_start=false"])
+    # resumed without validation data: a zero validation share and no validation path build no validation set and
+    # turn evaluation off, as in Megatron (the final validation of a finished run included)
+    resumed = train(["--pp=2", "--save", str(ckpt), *slim_data[:2], "--set", f"training.train_steps={step + 2}",
+                     "--set", "eval.interval=0", "--set", "eval.at_start=false", "--set", "data.valid_path=[]",
+                     "--set", "data.split=[1, 0, 0]"])
+    assert "no validation set: data.split=[1.0, 0.0, 0.0] gives validation no share" in resumed
+    assert "validation at step" not in resumed
     assert "latest is missing; trying the newest complete checkpoint" in resumed
     assert f"checkpoint {flipped} is damaged: {weights}: checksum differs" in resumed
     assert f"resumed from {ckpt}/{tag}: step {step}" in resumed and (ckpt / f"{flipped.name}.damaged").is_dir()

@@ -7,9 +7,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError, weighted_prefixes
-from ..data.gpt_dataset import BlendedDataset, GPTDataset, SampleConfig, blend_sample_counts, \
-    micro_batch_indices, split_ranges
+from ..config import Config, ConfigError, blend_of
+from ..data.blending import BlendedDataset
+from ..data.builder import build_split
+from ..data.gpt_dataset import micro_batch_indices, split_ranges
 from ..data.indexed import DataError, IndexedDataset, paths
 from ..parallel.grid import NO_SP, SPGroup
 
@@ -33,48 +34,66 @@ def check_data(cfg: Config) -> None:
     if not cfg.data.path:
         raise ConfigError("data.path: no training data given; pass --data-path PREFIX (a .bin/.idx pair made by "
                           "tools/preprocess_data.py) or set data.path in the training config")
-    for _, prefix in weighted_prefixes(cfg.data.path) + weighted_prefixes(cfg.data.valid_path, "data.valid_path"):
+    for prefix in blend_of(cfg.data.path)[0] + blend_of(cfg.data.valid_path, "data.valid_path")[0]:
         if not all(p.is_file() for p in paths(prefix)):
             raise ConfigError(missing_data_hint(prefix, cfg.data.source))
         IndexedDataset(prefix).check_vocab(cfg.model.vocab_size, "the model (model.vocab_size)", cfg.data.cache_dir)
 
 
-def _datasets(prefixes: list[tuple[float, str]], cfg: Config, samples: int, split: int | None, name: str,
-              say: Callable[[str], None]):
-    """One GPTDataset per prefix (the `split` share of its documents, or all), blended by weight."""
+def _held(prefix: str, split: int | None, ratios: list[float]) -> tuple[str, int]:
+    """("N tokens in M documents[ (after the split)]", N) of the documents `prefix` gives this split."""
+    indexed = IndexedDataset(prefix)
+    start, stop = (0, len(indexed)) if split is None else split_ranges(len(indexed), ratios)[split]
+    tokens = int(indexed.sizes[start:stop].sum(dtype=np.int64))
+    return f"{tokens:,} tokens in {stop - start:,} documents" + ("" if split is None else " (after the split)"), tokens
+
+
+def _split(items: list, key: str, name: str, cfg: Config, samples: int, split: int | None,
+           say: Callable[[str], None]):
+    """The `samples` samples of the `name` set from the blend `items`: split `split` (0 train, 1 valid) of its
+    documents, or all of them (None), as megatron-core's builder picks them; None when data.split gives that split no
+    share."""
+    if split is not None and cfg.data.split[split] == 0:
+        return None
+    prefixes, weights = blend_of(items, key)
     seq = cfg.training.seq_length
-    counts = blend_sample_counts([w for w, _ in prefixes], samples) if len(prefixes) > 1 else [samples]
-    parts = []
-    for i, ((_, prefix), count) in enumerate(zip(prefixes, counts)):
-        indexed = IndexedDataset(prefix)
-        start, stop = (0, len(indexed)) if split is None else split_ranges(len(indexed), cfg.data.split)[split]
-        tokens = int(indexed.sizes[start:stop].sum(dtype=np.int64))
-        held = f"{tokens:,} tokens in {stop - start:,} documents" + ("" if split is None else " (after the split)")
-        if name == "train" and cfg.data.mode == "packed" and tokens < seq + 1:
-            raise DataError(f"{prefix}: the training data has {held}, fewer than one sample of training.seq_length "
-                            f"+ 1 = {seq + 1:,} tokens, so packing cannot make even one sample; give it more data"
-                            + ("" if split is None else " (or a larger train share in data.split)")
-                            + " or lower training.seq_length")
-        ds = GPTDataset(indexed, SampleConfig(seq, max(count, 1), cfg.training.seed + i, cfg.data.mode, start, stop),
-                        cfg.data.cache_dir, name=name)
-        if name == "valid" and ds.epochs > 1:
-            say(f"warning: validation data {prefix} has {held}, less than the {count:,} samples of {seq + 1:,} "
-                f"tokens that eval.tokens={cfg.eval.tokens:,} takes from it: the validation samples pass over its "
-                f"tokens {ds.epochs:,} times, so the same text is scored repeatedly; give more validation data or "
-                "lower eval.tokens")
-        parts.append(ds)
-    return parts[0] if len(parts) == 1 else BlendedDataset(parts, [w for w, _ in prefixes], samples)
+    if name == "train" and cfg.data.mode == "packed":
+        for prefix in prefixes:
+            held, tokens = _held(prefix, split, cfg.data.split)
+            if tokens < seq + 1:
+                raise DataError(f"{prefix}: the training data has {held}, fewer than one sample of "
+                                f"training.seq_length + 1 = {seq + 1:,} tokens, so packing cannot make even one "
+                                "sample; give it more data" + ("" if split is None else " (or a larger train share "
+                                                               "in data.split)") + " or lower training.seq_length")
+    ds = build_split(prefixes, weights, samples, seq, cfg.training.seed, ratios=None if split is None else
+                     cfg.data.split, split=split or 0, mode=cfg.data.mode, cache_dir=cfg.data.cache_dir)
+    if len(ds) < samples:
+        raise DataError(f"{key} lists {len(prefixes)} prefixes without weights: as in Megatron they are blended in "
+                        f"proportion to their sizes over one pass each, {len(ds):,} samples of {seq + 1:,} tokens, but "
+                        f"the {name} set needs {samples:,}; give weights ({key}=[0.5, a, 0.5, b] repeats data as "
+                        "needed), more data, or fewer " + ("training.train_tokens" if name == "train" else
+                                                           "eval.tokens"))
+    for prefix, part in zip(prefixes, ds.datasets if isinstance(ds, BlendedDataset) else [ds]):
+        if name == "valid" and part.epochs > 1:
+            say(f"warning: validation data {prefix} has {_held(prefix, split, cfg.data.split)[0]}, less than the "
+                f"{part.cfg.num_samples:,} samples of {seq + 1:,} tokens that eval.tokens={cfg.eval.tokens:,} takes "
+                f"from it: the validation samples pass over its tokens {part.epochs:,} times, so the same text is "
+                "scored repeatedly; give more validation data or lower eval.tokens")
+    return ds
 
 
 def build_datasets(cfg: Config, train_samples: int, valid_samples: int, say: Callable[[str], None]):
-    """(train, valid) datasets; warnings about too little validation data go to `say`."""
-    train_prefixes = weighted_prefixes(cfg.data.path)
+    """(train, valid) datasets; valid is None (evaluation off) when data.split gives it no share and data.valid_path
+    is empty, as in Megatron. Warnings about too little validation data go to `say`."""
     separate_valid = bool(cfg.data.valid_path)
-    train = _datasets(train_prefixes, cfg, train_samples, None if separate_valid else 0, "train", say)
+    train = _split(cfg.data.path, "data.path", "train", cfg, train_samples, None if separate_valid else 0, say)
     if separate_valid:
-        valid = _datasets(weighted_prefixes(cfg.data.valid_path), cfg, valid_samples, None, "valid", say)
+        valid = _split(cfg.data.valid_path, "data.valid_path", "valid", cfg, valid_samples, None, say)
     else:
-        valid = _datasets(train_prefixes, cfg, valid_samples, 1, "valid", say)
+        valid = _split(cfg.data.path, "data.path", "valid", cfg, valid_samples, 1, say)
+    if valid is None:
+        say(f"no validation set: data.split={cfg.data.split} gives validation no share and data.valid_path is empty, "
+            "so evaluation is off (as in Megatron)")
     return train, valid
 
 

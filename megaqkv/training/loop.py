@@ -257,8 +257,8 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
 
     valid_samples = math.ceil(cfg.eval.tokens / t.seq_length)
     train_ds, valid_ds = build_datasets(cfg, steps * t.global_batch_size, valid_samples, say=say)
-    valid = eval_batches(valid_ds, valid_samples, t.micro_batch_size, grid.dp_size, grid.dp_rank, t.seq_length,
-                         grid.sp)
+    valid = None if valid_ds is None else eval_batches(valid_ds, valid_samples, t.micro_batch_size, grid.dp_size,
+                                                       grid.dp_rank, t.seq_length, grid.sp)
     engine = build_engine(cfg, grid, ds_config, total_steps=steps)
     checkpointing.use_safe_loader(engine)
     if grid.pp_size > 1:
@@ -294,6 +294,8 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
                 f.write(json.dumps({"kind": kind, **row}) + "\n")
 
     def validate(step: int) -> None:
+        if valid is None:  # no validation set (data.split gives it no share): evaluation is off, as in Megatron
+            return
         loss, tokens = evaluate(engine, cfg, grid, valid)
         monitor.validation(step, loss, tokens)
         record("valid", {"step": step, "loss": loss, "tokens": tokens})
