@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..checkpoint import deepspeed_layout as layout
 from ..checkpoint.consolidated import CheckpointError
+from ..data.gpt_dataset import INDEX_VERSION
 from ..parallel.grid import uses_cuda
 
 LOCK = "megaqkv_run.lock"
@@ -198,7 +199,8 @@ def client_state(cfg, grid, step: int, consumed: int, universal_info: dict, vali
     counts as data ranks, draw dropout from streams of their own, so every SP rank's RNG goes in as `rng_sp`."""
     rng = rng_state(grid.tp.rng)
     state = {"iteration": step, "consumed_samples": consumed, "rng": rng, "config": cfg.to_dict(),
-             "layout": layout_of(grid), "universal_checkpoint_info": universal_info, "valid": valid}
+             "layout": layout_of(grid), "universal_checkpoint_info": universal_info, "valid": valid,
+             "sample_order": INDEX_VERSION}
     if grid.sp_size > 1:
         state["rng_sp"] = [None] * grid.sp_size
         dist.all_gather_object(state["rng_sp"], rng, group=grid.sp.group)

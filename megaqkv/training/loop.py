@@ -18,6 +18,7 @@ from ..checkpoint.consolidated import CheckpointError
 from ..checkpoint.deepspeed_layout import client_state_of
 from ..checkpoint.engine_state import load_into_engine
 from ..config import Config, ConfigError
+from ..data.gpt_dataset import INDEX_VERSION
 from ..kernels.attention import kernels_text
 from ..model.attention import Attention
 from ..model.pipeline import PipelineLoss, stage_summary
@@ -202,6 +203,12 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
                           "then checkpoint.load=<that directory>, or --to deepspeed at this layout) or run at the "
                           "checkpoint's layout")
     check_resumable(client, cfg, f"{source}/{tag}", same_run=own)
+    order = client.get("sample_order", 1)
+    if own and order != INDEX_VERSION:
+        say(f"warning: {source}/{tag} was trained on megaqkv's sample order {order}; this version reads Megatron's "
+            f"(order {INDEX_VERSION}, docs/data.md), so from here the run reads another sequence of samples and some "
+            "are repeated or skipped; to avoid that, start a new run in another --save directory with --set "
+            f"checkpoint.load={source}")
     _, client = engine.load_checkpoint(str(source), tag=tag)
     checkpointing.set_rng_state(checkpointing.resumed_rng(client, grid), grid.tp.rng)
     say(f"resumed from {source}/{tag}: step {engine.global_steps}, {client['consumed_samples']:,} samples consumed")
