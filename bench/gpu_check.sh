@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU readiness check, in two parts, on every GPU of this node:
 #  1. correctness: per variant, a few steps of the production path (PRECISION, attention_backend auto, compiled
-#     blocks) at each layout, against one reference run of the same weights and samples in fp32 with PyTorch's
+#     blocks) at each layout (TP × PP, and SP: sequence parallelism), against one reference run of the same weights and samples in fp32 with PyTorch's
 #     reference attention (attention_backend: math, no compile) at TP=1 PP=1: the first step's loss and gradient
 #     norm (the same weights and samples: numerics alone) and the later steps' losses must agree to bf16
 #     tolerance (bench/gpu_check_report.py says which run, by how much, and how the tolerances were found);
@@ -16,7 +16,7 @@
 #
 # Knobs (environment): SCALE (300M), VARIANTS ("qkv kv qmqa"), SEQ (2048), STEPS (6), MICRO (8),
 # GLOBAL (1152: the paper's global batch), PRECISION (bf16), NPROC (number of GPUs, or 1 without one),
-# LAYOUTS (TPxPP list; "1x1", plus "2x1 1x2" on a node of 2 or more GPUs), CHECK_STEPS (4; 0 skips part 1),
+# LAYOUTS (TPxPP[xSP] list; "1x1", plus "2x1 1x2 1x1x2" on a node of 2 or more GPUs), CHECK_STEPS (4; 0 skips part 1),
 # CHECK_MICRO (2), OUT (a temporary directory).
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,7 +29,7 @@ if [ -z "${NPROC:-}" ]; then
 fi
 if [ -z "${LAYOUTS:-}" ]; then
   LAYOUTS="1x1"
-  [ "$NPROC" -ge 2 ] && LAYOUTS="1x1 2x1 1x2"
+  [ "$NPROC" -ge 2 ] && LAYOUTS="1x1 2x1 1x2 1x1x2"
 fi
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
@@ -41,13 +41,16 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 # train RUN VARIANT LAYOUT [--set ...]: one pretraining without checkpoints; metrics in $OUT/RUN, log $OUT/RUN.log.
 train() {
-  local run="$1" variant="$2" layout="$3"
+  local run="$1" variant="$2" layout="$3" sp=1
   shift 3
+  local tp="${layout%%x*}" rest="${layout#*x}"
+  local pp="${rest%%x*}"
+  [ "$rest" != "$pp" ] && sp="${rest#*x}"
   rm -rf "${OUT:?}/$run"
   "$py" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" "$here/pretrain.py" \
     --model-config "$here/model_configs/${SCALE}_$variant.yaml" --train-config "$here/train_configs/300M.yaml" \
     --data-path "$OUT/data/slim_train_text_document" --valid-data-path "$OUT/data/slim_validation_text_document" \
-    --tp "${layout%x*}" --pp "${layout#*x}" \
+    --tp "$tp" --pp "$pp" --sp "$sp" \
     --set checkpoint.save=false --set logging.tensorboard_dir="$OUT/$run" \
     --set training.seq_length="$SEQ" --set training.train_tokens=null --set eval.interval=0 \
     --set logging.interval=1 "$@" > "$OUT/$run.log" 2>&1 || { tail -n 40 "$OUT/$run.log"; exit 1; }
@@ -66,7 +69,7 @@ if [ "$CHECK_STEPS" -gt 0 ]; then
     train "ref_$v" "$v" 1x1 "${check[@]}" --set training.precision=fp32 --set model.attention_backend=math \
       --set model.compile=false
     for layout in $LAYOUTS; do
-      echo "-- $PRECISION, attention_backend auto, layout TPxPP $layout"
+      echo "-- $PRECISION, attention_backend auto, layout TPxPP[xSP] $layout"
       train "check_${v}_$layout" "$v" "$layout" "${check[@]}" --set training.precision="$PRECISION"
     done
   done
@@ -74,7 +77,7 @@ fi
 
 for v in $VARIANTS; do
   for layout in $LAYOUTS; do
-    echo "== speed ${SCALE}_$v, TPxPP $layout: $STEPS steps, seq $SEQ, global batch $GLOBAL = micro $MICRO × DP × accumulation, $PRECISION"
+    echo "== speed ${SCALE}_$v, TPxPP[xSP] $layout: $STEPS steps, seq $SEQ, global batch $GLOBAL = micro $MICRO × DP × accumulation, $PRECISION"
     train "speed_${v}_$layout" "$v" "$layout" --set training.micro_batch_size="$MICRO" \
       --set training.global_batch_size="$GLOBAL" --set training.train_steps="$STEPS" --set training.warmup_steps=5 \
       --set training.precision="$PRECISION" --set eval.tokens="$((SEQ * MICRO * NPROC))"

@@ -50,7 +50,7 @@ def compare(reference: list[dict], got: list[dict]) -> list[tuple[str, float, fl
 
 def check_table(out: Path, variants: list[str], layouts: list[str]) -> list[str]:
     """Print the correctness table; return the failures."""
-    print(f"\n| variant | layout TPxPP | losses: reference (fp32, math attention) / this run | step 1 loss (≤ "
+    print(f"\n| variant | layout TPxPP[xSP] | losses: reference (fp32, math attention) / this run | step 1 loss (≤ "
           f"{FIRST_LOSS_RTOL:g}) | step 1 grad norm (≤ {FIRST_GRAD_NORM_RTOL:g}) | worst later loss (≤ "
           f"{LATER_LOSS_RTOL:g}) |")
     print("|---|---|---|---|---|---|")
@@ -63,13 +63,13 @@ def check_table(out: Path, variants: list[str], layouts: list[str]) -> list[str]
             cells = [f"{gap:.1e} {'ok' if gap <= tol else 'FAIL'}" for _, gap, tol in checks]
             losses = " / ".join(" ".join(f"{r['loss']:.4f}" for r in rows) for rows in (ref, got))
             print(f"| {v} | {layout} | {losses} | {' | '.join(cells)} |")
-            failures += [f"{v} at TPxPP {layout}: {what} is {gap:.2e} from the fp32 reference (tolerance {tol:g})"
+            failures += [f"{v} at layout {layout}: {what} is {gap:.2e} from the fp32 reference (tolerance {tol:g})"
                          for what, gap, tol in checks if not gap <= tol]
     return failures
 
 
 def speed_table(out: Path, variants: list[str], layouts: list[str]) -> None:
-    print("\n| variant | layout TPxPP | tokens/s | TFLOP/s per device | MFU | MFU (Megatron's FLOPs) | "
+    print("\n| variant | layout TPxPP[xSP] | tokens/s | TFLOP/s per device | MFU | MFU (Megatron's FLOPs) | "
           "peak memory per device | final loss |")
     print("|---|---|---|---|---|---|---|---|")
     for v in variants:

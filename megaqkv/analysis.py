@@ -123,10 +123,11 @@ def per_rank_parameters(cfg: ModelConfig, tp: int) -> dict:
             "vocab_padding": padding, "duplicated": tp * per_rank - total_parameters(cfg) - padding}
 
 
-def sequence_exchange(cfg: ModelConfig, sp: int, seq_len: int, tp: int = 1, bytes_per_element: int = 2) -> dict:
+def sequence_exchange(cfg: ModelConfig, sp: int, seq_len: int, tp: int = 1, bytes_per_element: int = 2,
+                      checkpointed: bool = False) -> dict:
     """Bytes one rank sends to the other sequence-parallel ranks per layer for one sequence of `seq_len` tokens,
     forward and backward: the all-to-all of the projection output (only the rows the variant has) and of the
-    attention output (`parallel.sequence`)."""
+    attention output (`parallel.sequence`). Activation checkpointing runs the forward's exchanges again."""
     try:
         check_parallel_fits_model(cfg, tp, 1, sp=sp)
     except FieldError as exc:
@@ -134,7 +135,8 @@ def sequence_exchange(cfg: ModelConfig, sp: int, seq_len: int, tp: int = 1, byte
     if seq_len % sp:
         raise ConfigError(f"--sp {sp}: the sequence length {seq_len} is not divisible by it")
     local = AttentionLayout.of(cfg).tensor_split(tp)
-    projection, output = (2 * bytes_per_element * n for n in local.sequence_exchange_elements(sp, seq_len // sp))
+    passes = 3 if checkpointed else 2
+    projection, output = (passes * bytes_per_element * n for n in local.sequence_exchange_elements(sp, seq_len // sp))
     return {"sp": sp, "tp": tp, "seq_len": seq_len, "projection_bytes": projection, "output_bytes": output}
 
 

@@ -325,14 +325,14 @@ def check_parallel_fits_model(model: ModelConfig, tp: int, pp: int, prefix: str 
     if pp > model.num_layers:
         raise FieldError(prefix + "pp", f"pipeline size {pp} exceeds num_layers={model.num_layers}")
     heads, kv = n // tp, max(g // tp, 1)  # per TP rank (KV heads replicated when fewer than TP ranks)
+    fitting = [s for s in _divisors(heads) if kv % s == 0 or s % kv == 0]
     if heads % sp:
         raise FieldError(prefix + "sp", f"sequence parallel size {sp} must divide the {heads} query heads of each "
-                                        f"TP rank (num_heads={n} / tp={tp}); use one of "
-                                        f"{[s for s in _divisors(heads) if kv % s == 0 or s % kv == 0]}")
+                                        f"TP rank (num_heads={n} / tp={tp}); use one of {fitting}")
     if kv % sp and sp % kv:
         raise FieldError(prefix + "sp", f"sequence parallel size {sp} must divide the {kv} KV heads of each TP rank "
                                         f"or be a multiple of them (then each rank receives its group's); use one of "
-                                        f"{[s for s in _divisors(heads) if kv % s == 0 or s % kv == 0]}")
+                                        f"{fitting}")
 
 
 # --------------------------------------------------------------------------- loading

@@ -31,7 +31,7 @@ from megaqkv.training.engine import build_engine  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 SEED, VOCAB, SEQ = 7, 1000, 16  # vocab 1000 is not a multiple of 128·TP, so padding is exercised
-SP_PRESETS = ("qkv", "kv", "gqa4", "qmqa", "k")
+SP_PRESETS = ["qkv", "kv", "gqa4", "qmqa", "k"]
 
 
 def model_cfg(preset: str, **changes):
@@ -131,11 +131,12 @@ def fused_loss_scenario(vocab: int, block: int) -> dict:
 _REFERENCE: dict = {}
 
 
-def reference_training(preset: str, micro: int, steps: int, global_batch: int, lr: float, clip: float, wd: float):
+def reference_training(preset: str, micro: int, steps: int, global_batch: int, lr: float, clip: float, wd: float,
+                       tied: bool = True):
     """Single-process TP=1 run: plain torch AdamW + clip_grad_norm_, the global batch in micro-batches."""
-    key = (preset, micro, steps, global_batch, lr, clip, wd)
+    key = (preset, micro, steps, global_batch, lr, clip, wd, tied)
     if key not in _REFERENCE:
-        cfg = model_cfg(preset)
+        cfg = model_cfg(preset, tie_embeddings=tied)
         model = GPT(cfg, seed=SEED)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
         losses, norms = [], []
@@ -171,9 +172,9 @@ def run_steps(engine, grid, first: int, last: int, global_batch: int, micro: int
 
 def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro: int = 2, steps: int = 4,
                    global_batch: int = 8, lr: float = 3e-3, clip: float = 1.0, wd: float = 0.1,
-                   checkpointing: bool = False, compile: bool = False, sp: int = 1) -> dict:
+                   checkpointing: bool = False, compile: bool = False, sp: int = 1, tied: bool = True) -> dict:
     """Losses, gradient norms and final parameters of a DeepSpeed PipelineEngine run vs the reference."""
-    cfg = Config(model=model_cfg(preset, compile=compile),
+    cfg = Config(model=model_cfg(preset, compile=compile, tie_embeddings=tied),
                  parallel=ParallelConfig(tp=tp, pp=pp, sp=sp, activation_checkpointing=checkpointing),
                  training=TrainingConfig(micro_batch_size=micro, global_batch_size=global_batch, seq_length=SEQ,
                                          precision=precision, lr=lr, weight_decay=wd, grad_clip=clip, seed=SEED,
@@ -182,7 +183,7 @@ def train_scenario(preset: str, tp: int, pp: int, precision: str = "fp32", micro
     grid = ProcessGrid(tp, pp, sp)
     engine = build_engine(cfg, grid)
     losses, norms = run_steps(engine, grid, 0, steps, global_batch, micro)
-    ref_losses, ref_norms, ref_params = reference_training(preset, micro, steps, global_batch, lr, clip, wd)
+    ref_losses, ref_norms, ref_params = reference_training(preset, micro, steps, global_batch, lr, clip, wd, tied)
     params = gather_canonical({n: p.detach().float() for n, p in named_plain_parameters(engine.module, cfg.model)},
                               cfg.model, grid.tp)
     return {"losses": losses, "ref_losses": ref_losses,
@@ -263,6 +264,7 @@ def sp_bytes_scenario(sp: int, seq: int = 64) -> dict:
     parallel.sequence) for every preset, forward and backward, vs analysis.sequence_exchange (fp32: 4 bytes)."""
     from megaqkv.analysis import sequence_exchange
     from megaqkv.model.attention import Attention
+    from megaqkv.model.gpt import Block
     from megaqkv.parallel import sequence
 
     grid = ProcessGrid(1, 1, sp)
@@ -278,7 +280,13 @@ def sp_bytes_scenario(sp: int, seq: int = 64) -> dict:
         formula = sequence_exchange(cfg, sp, seq, bytes_per_element=4)
         out[preset] = {"measured": dict(sequence.SENT),
                        "formula": {"projection": formula["projection_bytes"], "output": formula["output_bytes"]}}
-    return {"presets": out}
+    block = Block(cfg, checkpointed=True, sp=grid.sp)  # Q-MQA: the recompute runs the forward's exchanges again
+    sequence.reset_sent()
+    block(x.requires_grad_()).square().sum().backward()
+    formula = sequence_exchange(cfg, sp, seq, bytes_per_element=4, checkpointed=True)
+    checkpointed = {"measured": dict(sequence.SENT),
+                    "formula": {"projection": formula["projection_bytes"], "output": formula["output_bytes"]}}
+    return {"presets": out, "checkpointed qmqa": checkpointed}
 
 
 def skip_scenario() -> dict:
@@ -435,6 +443,8 @@ SUITES = {
        ("train pp2 bf16 qkv", train_scenario, dict(preset="qkv", tp=1, pp=2, precision="bf16")),
        ("train sp2 kv", train_scenario, dict(preset="kv", tp=1, pp=1, sp=2)),
        ("train sp2 qmqa", train_scenario, dict(preset="qmqa", tp=1, pp=1, sp=2)),
+       ("train sp2 qkv checkpointed", train_scenario, dict(preset="qkv", tp=1, pp=1, sp=2, checkpointing=True)),
+       ("train pp2 bf16 qkv untied", train_scenario, dict(preset="qkv", tp=1, pp=2, precision="bf16", tied=False)),
        ("rng tp2 dropout", rng_scenario, dict(tp=2)),
        ("grid error", grid_error_scenario, {}),
        ("eval tp2 kv", eval_scenario, dict(preset="kv", tp=2, pp=1)),
@@ -459,6 +469,7 @@ SUITES = {
     + [(f"grad sp4 {p}", grad_scenario, dict(preset=p, tp=1, sp=4)) for p in SP_PRESETS]
     + [(f"train sp2xpp2 {p}", train_scenario, dict(preset=p, tp=1, pp=2, sp=2)) for p in SP_PRESETS]
     + [("train sp2xtp2 qmqa", train_scenario, dict(preset="qmqa", tp=2, pp=1, sp=2)),
+       ("train sp2xdp2 kv", train_scenario, dict(preset="kv", tp=1, pp=1, sp=2)),
        ("sp4 bytes", sp_bytes_scenario, dict(sp=4))],
     # four processes, for tests/test_convert.py: DeepSpeed checkpoints of every preset at TP=2×PP=2 and TP=4 (and
     # one at TP=2×DP=2); a universal checkpoint of a TP=2×PP=2 run resumed at four layouts

@@ -14,10 +14,10 @@ import gpu_check_report  # noqa: E402
 
 
 def test_gpu_check_script_in_miniature(tmp_path):
-    """Q-MQA at PP=2 (where the check found bf16 losing the head's gradient) on two processes, against the fp32
-    math reference at TP=1 × DP=2, then the speed part; TP=2 in bf16 is tests/test_parallel.py's."""
+    """Q-MQA at PP=2 (where the check found bf16 losing the head's gradient) and at SP=2 on two processes, against
+    the fp32 math reference at TP=1 × DP=2, then the speed part; TP=2 in bf16 is tests/test_parallel.py's."""
     env = {**os.environ, "SCALE": "tiny", "VARIANTS": "qmqa", "SEQ": "64", "STEPS": "2", "MICRO": "2", "GLOBAL": "4",
-           "NPROC": "2", "LAYOUTS": "1x2", "CHECK_STEPS": "2", "OUT": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+           "NPROC": "2", "LAYOUTS": "1x2 1x1x2", "CHECK_STEPS": "2", "OUT": str(tmp_path), "DS_ACCELERATOR": "cpu"}
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True,
@@ -25,8 +25,9 @@ def test_gpu_check_script_in_miniature(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert not any(cwd.iterdir()) and not list(tmp_path.glob("*/latest"))  # checkpoint.save=false: none written
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| qmqa")]
-    checks, speeds = rows[:1], rows[1:]
-    assert [r[1].strip() for r in checks] == ["1x2"] and [r[1].strip() for r in speeds] == ["1x2"]
+    checks, speeds = rows[:2], rows[2:]
+    assert [r[1].strip() for r in checks] == [r[1].strip() for r in speeds] == ["1x2", "1x1x2"]
+    assert "world 2 = TP 1 × SP 2 × PP 1 × DP 1" in (tmp_path / "check_qmqa_1x1x2.log").read_text()
     for row in checks:
         assert all(cell.strip().endswith("ok") for cell in row[3:]), row
     assert "attention kernels: training and prefill math" in result.stdout  # the reference ran the math kernel
@@ -56,4 +57,4 @@ def test_the_verdict_fails_outside_the_tolerances(tmp_path, capsys, got, failed)
     code = gpu_check_report.main([str(tmp_path), "--variants", "kv", "--layouts", "1x1"])
     err = capsys.readouterr().err
     assert code == (1 if failed else 0)
-    assert (f"FAILED: kv at TPxPP 1x1: {failed}" in err) if failed else err == ""
+    assert (f"FAILED: kv at layout 1x1: {failed}" in err) if failed else err == ""

@@ -167,9 +167,22 @@ def test_auto_takes_triton_only_where_its_self_test_passes(dtype, chosen, monkey
         with pytest.warns(UserWarning, match="Triton attention kernel self-test"):
             assert katt.choose_backend("auto", src, 16, 0.0, cols) == "sdpa"
     else:
-        assert katt.choose_backend("auto", src, 16, 0.0, cols) == "triton"
+        with torch.no_grad():  # the first call may come from an evaluation: the self-test takes gradients anyway
+            assert katt.choose_backend("auto", src, 16, 0.0, cols) == "triton"
     assert katt.choose_backend("auto", src, 16, 0.0, cols) == chosen
     assert len(detect._SELF_TESTS) == 1  # decided once per variant, not per call
+
+
+def test_a_run_names_and_warms_up_the_kernel_layout_it_uses_under_sp():
+    """Under sequence parallelism the kernel reads the exchanged layout, not the projection's: that is the one a
+    run must self-test and print before training, or the self-test first runs inside a checkpointed forward."""
+    from megaqkv.model.attention import Attention
+    from megaqkv.parallel.grid import SPGroup
+
+    cfg = tiny("qmqa", num_heads=8, num_kv_heads=1).cfg
+    assert Attention(cfg).kernel_cols == Attention(cfg).cols
+    under_sp = Attention(cfg, sp=SPGroup(size=2, rank=0))
+    assert under_sp.kernel_cols == Columns.fused(AttentionLayout("kv", 4, 1, cfg.head_dim)) != under_sp.cols
 
 
 @pytest.mark.parametrize("dtype,passes", [(torch.float16, True), (torch.bfloat16, False)])

@@ -6,6 +6,7 @@ the tests below assert on what they measured.
 import pytest
 
 from conftest import dist_suite
+from dist_worker import SP_PRESETS
 
 TOL = 1e-5  # fp32 loss and gradients
 NORM_TOL = 1e-5  # global gradient norm (about 0.5-1 here), which DeepSpeed computes over TP/PP/DP shards
@@ -73,7 +74,8 @@ def test_four_rank_training_equals_single_process(world4, name):
     check_training(world4[name])
 
 
-@pytest.mark.parametrize("name", ["train tp2 bf16 kv", "train dp2 bf16 qkv", "train pp2 bf16 qkv"])
+@pytest.mark.parametrize("name", ["train tp2 bf16 kv", "train dp2 bf16 qkv", "train pp2 bf16 qkv",
+                                  "train pp2 bf16 qkv untied"])
 def test_bf16_within_tolerance(world2, name):
     """pp2: the bf16 optimizer zeroes gradients when backward reaches a stage's outputs; the LM head's gradient
     once arrived before that and was lost (docs/kernels.md, "GPU readiness check")."""
@@ -115,7 +117,6 @@ def test_tensor_parallel_generation(world2, preset, share):
 
 
 SP_TOL = 1e-6  # sequence parallelism against the whole sequence on one rank: loss and every gradient, fp32
-SP_PRESETS = ["qkv", "kv", "gqa4", "qmqa", "k"]
 
 
 @pytest.mark.parametrize("preset", SP_PRESETS)
@@ -132,11 +133,17 @@ def test_sp_with_tp_and_sp4_gradients(world4, name):
     assert r["loss_diff"] <= SP_TOL and r["grad_diff"] <= SP_TOL, r
 
 
-@pytest.mark.parametrize("name", ["train sp2 kv", "train sp2 qmqa"])
+@pytest.mark.parametrize("name", ["train sp2 kv", "train sp2 qmqa", "train sp2 qkv checkpointed"])
 def test_sp2_training_equals_single_process(world2, name):
     r = world2[name]
     check_training(r)
     assert r["loss_diff"] <= SP_TOL and r["dp"] == 1 and r["gas"] == 4, r  # DP stays 1: SP ranks share samples
+
+
+def test_sp2_with_dp2_reads_half_the_samples_per_dp_rank(world4):
+    r = world4["train sp2xdp2 kv"]
+    check_training(r)
+    assert r["loss_diff"] <= SP_TOL and (r["dp"], r["gas"]) == (2, 2), r
 
 
 @pytest.mark.parametrize("name", [f"train sp2xpp2 {p}" for p in SP_PRESETS] + ["train sp2xtp2 qmqa"])
@@ -156,3 +163,6 @@ def test_sp4_exchanges_send_what_the_formula_says(world4):
     ratios = {p: presets[p]["measured"]["projection"] / qkv for p in ("kv", "k", "qmqa")}
     assert ratios == {"kv": 2 / 3, "k": 1 / 3, "qmqa": 5 / 12}, ratios
     assert len({r["measured"]["output"] for r in presets.values()}) == 1  # the attention output is the same size
+    checkpointed = world4["sp4 bytes"]["checkpointed qmqa"]  # a block's recompute exchanges again: 3/2 of the bytes
+    assert checkpointed["measured"] == checkpointed["formula"], checkpointed
+    assert checkpointed["measured"]["projection"] * 2 == presets["qmqa"]["measured"]["projection"] * 3

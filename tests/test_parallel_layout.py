@@ -169,6 +169,9 @@ def test_deepspeed_config(tmp_path):
                        ({"zero_optimization": {"stage": 2}}, "supports ZeRO stages 0 and 1 only")):
         with pytest.raises(ConfigError, match=words):
             deepspeed_config(cfg, batch, bad, "my_ds.json")
+    sp2 = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, sp=2))  # the user's global batch holds
+    ds = deepspeed_config(sp2, batch, {**base, "train_batch_size": 8}, source)  # DeepSpeed counts SP ranks as data
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 2)
     broken = tmp_path / "ds.json"
     broken.write_text("{stage: 1")
     with pytest.raises(ConfigError, match=f"{broken}: not valid JSON"):

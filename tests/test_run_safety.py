@@ -231,3 +231,23 @@ def test_cut_metrics_drops_later_rows_and_a_torn_line(tmp_path):
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
     cut_metrics(path, 0)  # a run that starts from step 0 in the same directory
     assert path.read_text() == ""
+
+
+def test_a_checkpoint_of_other_pipeline_stages_is_named_before_deepspeed_loads_it(tmp_path):
+    """Stages balanced another way (megaqkv before every stage held a block) keep other layers' optimizer
+    buffers: the parameter names DeepSpeed records per model rank show it before its loader fails obscurely."""
+    from types import SimpleNamespace
+
+    from megaqkv.training.checkpointing import stage_split_mismatch
+
+    names = ["tied_modules.wte.weight", "1.weight", "2.ln_1.weight", "3.ln_1.weight", "4.weight"]
+    torch.save({"param_shapes": [{n: torch.Size([1]) for n in names[:4]}]}, tmp_path / "mp_rank_01_model_states.pt")
+    grid = SimpleNamespace(pp_rank=1, mpu=SimpleNamespace(get_model_parallel_rank=lambda: 1))
+
+    def engine(held):
+        return SimpleNamespace(module=SimpleNamespace(named_parameters=lambda: [
+            (n, torch.nn.Parameter(torch.zeros(1))) for n in held]))
+
+    assert stage_split_mismatch(tmp_path, engine(names[:4]), grid) is None
+    assert stage_split_mismatch(tmp_path, engine(names[:1] + names[3:]), grid) == \
+        "stage 1 held layers [1, 2, 3] there and holds [3, 4] here"

@@ -54,6 +54,12 @@ class Attention(nn.Module):
             self.sp_cols = Columns.fused(self.sp_layout)
             self.register_buffer("sp_columns", None if columns is None else torch.tensor(columns), persistent=False)
 
+    @property
+    def kernel_cols(self) -> Columns:
+        """The layout the attention kernel reads here (under SP: the exchanged one), which a run warms up and names
+        before training: a kernel's self-test must not first run inside a checkpointed or no-grad forward."""
+        return self.sp_cols if self.sp.size > 1 else self.cols
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The projection output(s) the kernels read: the fused rows, or the query rows and this rank's K/V rows."""
         if hasattr(self, "in_proj"):

@@ -47,8 +47,8 @@ class PipelineLoss:
         self.__name__ = "fused vocab-parallel linear cross-entropy"
 
     def __call__(self, outputs, labels) -> torch.Tensor:
-        (hidden, weight, head), (labels, loss_mask) = outputs, labels if isinstance(labels, (tuple, list)) else (
-            labels, None)
+        hidden, weight, head = outputs
+        labels, loss_mask = labels if isinstance(labels, (tuple, list)) else (labels, None)
         weights = token_weights(labels, loss_mask, mean=not self.sums, sp=self.sp)
         loss = head_loss(head, hidden, labels, weights, weight)
         return torch.stack([loss, weights.sum()]) if self.sums else loss

@@ -1,4 +1,4 @@
-"""Process grid: TP × PP × DP groups from DeepSpeed's topology, plus the tensor-parallel handle layers use."""
+"""Process grid: TP × SP × PP × DP groups from DeepSpeed's topology, plus the TP and SP handles layers use."""
 from __future__ import annotations
 
 import datetime

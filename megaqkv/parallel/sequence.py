@@ -18,7 +18,8 @@ from ..variants import AttentionLayout
 from .grid import SPGroup
 
 # Bytes this process has sent to other SP ranks, by exchange ("projection": before attention, "output": after),
-# forward and backward, since the last reset_sent(): the measured side of analysis.sequence_parallel_table.
+# forward (again in an activation-checkpointing recompute) and backward, since the last reset_sent(): what
+# analysis.sequence_exchange computes, counted where it happens (tests/test_parallel.py compares the two).
 SENT = {"projection": 0, "output": 0}
 
 

@@ -185,6 +185,24 @@ def layout_of(grid) -> dict:
     return {"tp": grid.tp_size, "pp": grid.pp_size, "dp": grid.dp_size, "sp": grid.sp_size}
 
 
+def stage_split_mismatch(tag_dir: Path, engine, grid) -> str | None:
+    """How this rank's pipeline stage differs from the stage that wrote its part of a checkpoint of the same
+    layout, or None. DeepSpeed keeps each stage's optimizer state as flat buffers of that stage's parameters, so
+    another split of the layers (megaqkv's stages are balanced by compute, and every stage now holds a block) fails
+    deep inside DeepSpeed's loader; the parameter names DeepSpeed records per model rank say it first."""
+    path = tag_dir / f"mp_rank_{grid.mpu.get_model_parallel_rank():02d}_model_states.pt"
+    saved = {name for group in layout.safe_load(path).get("param_shapes") or [] for name in group}
+    mine = {name for name, prm in engine.module.named_parameters() if prm.requires_grad}
+    here = None if not saved or saved == mine else (f"stage {grid.pp_rank} held layers {_layers(saved)} there and "
+                                                     f"holds {_layers(mine)} here")
+    return next((m for m in (gather(here) if dist.is_initialized() else [here]) if m), None)
+
+
+def _layers(names) -> list[int]:
+    """Layer indices of pipeline parameter names ("3.attn.in_proj.weight" -> 3; tied modules have none)."""
+    return sorted({int(n.split(".")[0]) for n in names if n[0].isdigit()})
+
+
 def same_layout(recorded: dict, grid) -> bool:
     """Whether a checkpoint's recorded layout is this grid's; checkpoints from before sequence parallelism
     record no "sp" (they ran at 1)."""

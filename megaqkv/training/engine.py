@@ -64,8 +64,7 @@ def read_ds_config(path: str | Path | None) -> tuple[dict, str]:
 def deepspeed_config(cfg: Config, batch: BatchLayout, base: dict, source: str) -> dict:
     """The DeepSpeed config: the file's settings (ZeRO, communication) plus what megaqkv's config decides."""
     ds = copy.deepcopy(base)
-    # DeepSpeed counts a sequence-parallel rank as a data-parallel one, each reading a slice of every sample.
-    derived = {"train_batch_size": batch.global_batch_size * cfg.parallel.sp,
+    derived = {"train_batch_size": batch.global_batch_size,
                "train_micro_batch_size_per_gpu": batch.micro_batch_size,
                "gradient_accumulation_steps": batch.gradient_accumulation_steps}
     for key in _BATCH_KEYS:
@@ -89,6 +88,8 @@ def deepspeed_config(cfg: Config, batch: BatchLayout, base: dict, source: str) -
         raise ConfigError(f"{source}: zero_optimization.stage={stage}: DeepSpeed's pipeline engine supports ZeRO "
                           "stages 0 and 1 only; use stage 1")
     ds.update(derived)
+    # DeepSpeed counts a sequence-parallel rank as a data-parallel one, each reading a slice of every sample.
+    ds["train_batch_size"] *= cfg.parallel.sp
     ds["gradient_clipping"] = cfg.training.grad_clip
     precision = cfg.training.precision
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}

@@ -96,13 +96,16 @@ def sequence_parallel_text(cfg: Config) -> str:
     what they really send in parallel.sequence.SENT)."""
     t, p = cfg.training, cfg.parallel
     size = 4 if t.precision == "fp32" else 2
-    ours = sequence_exchange(cfg.model, p.sp, t.seq_length, p.tp, size)
-    qkv = sequence_exchange(qkv_baseline(cfg.model), p.sp, t.seq_length, p.tp, size)
-    mib = lambda key, row: row[key] * t.micro_batch_size / 2 ** 20  # noqa: E731
+
+    def mib(model, key: str) -> float:
+        sent = sequence_exchange(model, p.sp, t.seq_length, p.tp, size, p.activation_checkpointing)[key]
+        return sent * t.micro_batch_size / 2 ** 20
+
     return (f"sequence parallelism: SP {p.sp}, {t.seq_length // p.sp:,} positions per rank; per layer and micro-batch "
-            f"a rank sends {mib('projection_bytes', ours):.2f} MiB of projection output (QKV would send "
-            f"{mib('projection_bytes', qkv):.2f}) and {mib('output_bytes', ours):.2f} MiB of attention output, "
-            "forward + backward")
+            f"a rank sends {mib(cfg.model, 'projection_bytes'):.2f} MiB of projection output (QKV would send "
+            f"{mib(qkv_baseline(cfg.model), 'projection_bytes'):.2f}) and {mib(cfg.model, 'output_bytes'):.2f} MiB of "
+            "attention output, forward" + (" (twice: activation checkpointing)" if p.activation_checkpointing else "")
+            + " and backward")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -203,6 +206,11 @@ def resume(engine, cfg: Config, grid: ProcessGrid, ckpt_dir: Path | None, say) -
                           "then checkpoint.load=<that directory>, or --to deepspeed at this layout) or run at the "
                           "checkpoint's layout")
     check_resumable(client, cfg, f"{source}/{tag}", same_run=own)
+    split = checkpointing.stage_split_mismatch(source / tag, engine, grid)
+    if split:
+        raise ConfigError(f"{source}/{tag} was written with other pipeline stages ({split}; stages are balanced by "
+                          "compute, and each now holds at least one block): convert it (tools/convert_ckpt.py --to "
+                          "consolidated, then checkpoint.load=<that directory>), which does not depend on the split")
     order = client.get("sample_order", 1)
     if own and order != INDEX_VERSION:
         say(f"warning: {source}/{tag} was trained on megaqkv's sample order {order}; this version reads Megatron's "
@@ -273,7 +281,8 @@ def _train(cfg: Config, grid: ProcessGrid, ds_config, ckpt_dir: Path | None, is_
     m = cfg.model
     attention = next((mod for mod in engine.module.modules() if isinstance(mod, Attention)), None)
     if attention is not None:  # a pipeline stage may hold no block
-        say(kernels_text(m.attention_backend, next(engine.module.parameters()), attention.cols, m.attention_dropout))
+        say(kernels_text(m.attention_backend, next(engine.module.parameters()), attention.kernel_cols,
+                         m.attention_dropout))
     if grid.sp_size > 1:
         say(sequence_parallel_text(cfg))
 
