@@ -1,0 +1,224 @@
+"""tools/compare_runs.py: runs of several variants side by side, as a table (text, markdown, JSON) and figures.
+
+    python tools/compare_runs.py RUN_DIR... [--format text|markdown|json] [--plot DIR]
+
+A RUN_DIR is a pretrain.py --save directory (or its tensorboard directory), or an ablation directory whose
+subdirectories are runs. Per run: the paper's variant name, parameters, KV-cache bytes per token (bf16, all
+layers), final and best validation loss and perplexity, the final perplexity's change against the QKV run,
+training tokens/s (median), MFU (median), peak memory, steps done and wall time. Runs that are not the same
+experiment (other data, sequence length, budget, schedule, model shape) are compared anyway, with a warning
+naming every key that differs; unfinished runs are listed, plotted and marked as such; runs of one variant that
+differ only in training.seed give the seed noise the differences between variants should be read against.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from ..variants import kv_cache_bytes_per_token, paper_name, total_parameters
+from . import runs
+
+SEED = "training.seed"
+
+
+def _ppl(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 50.0))
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return statistics.median(values) if values else None
+
+
+def summarize(run: runs.Run) -> dict:
+    m = run.config.model
+    final = run.valid[-1] if run.valid else None
+    best = min(run.valid, key=lambda r: r["loss"]) if run.valid else None
+    memory = [r["memory_gib"] for r in run.train if "memory_gib" in r]
+    return {
+        "run": run.name, "path": str(run.path), "variant": paper_name(m.sharing, m.num_heads, m.kv_heads),
+        "sharing": m.sharing, "num_kv_heads": m.kv_heads, "seed": run.config.training.seed,
+        "parameters": total_parameters(m), "kv_bytes_per_token": kv_cache_bytes_per_token(m),
+        "final_step": final["step"] if final else None, "final_loss": final["loss"] if final else None,
+        "final_ppl": _ppl(final["loss"]) if final else None,
+        "best_loss": best["loss"] if best else None, "best_ppl": _ppl(best["loss"]) if best else None,
+        "tokens_per_s": _median(run.train, "tokens_per_s"), "mfu": _median(run.train, "mfu"),
+        "peak_memory_gib": max(memory) if memory else None, "steps_done": run.steps_done,
+        "total_steps": run.total_steps, "finished": run.finished, "wall_s": run.wall_seconds,
+        "tokens_per_step": run.tokens_per_step, "world_size": run.world_size, "device": run.device,
+        "layout": {"tp": run.config.parallel.tp, "pp": run.config.parallel.pp},
+        "valid_curve": [(r["step"] * run.tokens_per_step, r["loss"]) for r in run.valid],
+    }
+
+
+def _groups(values: dict[str, object]) -> str:
+    """{run: value} -> 'value1 (a, b); value2 (c)'."""
+    by_value: dict[str, list[str]] = {}
+    for name, value in values.items():
+        by_value.setdefault(json.dumps(value), []).append(name)
+    return "; ".join(f"{value} ({', '.join(names)})" for value, names in by_value.items())
+
+
+def differences(all_runs: list[runs.Run]) -> list[str]:
+    """Warnings for every experiment key (data, sequence length, budget, schedule, model shape) on which the
+    runs disagree; the variant's own keys and the seed are what a comparison is meant to vary."""
+    exps = {r.name: r.experiment() for r in all_runs}
+    keys = sorted(set().union(*exps.values()) - set(runs.VARIANT_KEYS) - {SEED})
+    out = []
+    for key in keys:
+        values = {name: exp.get(key) for name, exp in exps.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            out.append(f"the runs differ in {key}: {_groups(values)}")
+    places = {r.name: f"{r.device or '?'} × {r.world_size or '?'}" for r in all_runs}
+    if len(set(places.values())) > 1:
+        out.append(f"throughput and MFU were measured on different hardware: {_groups(places)}")
+    return out
+
+
+def seed_noise(rows: list[dict], all_runs: list[runs.Run]) -> list[dict]:
+    """Pairs of runs that are the same experiment and variant except for training.seed: how far apart their
+    final perplexities are, the yardstick for differences between variants."""
+    out = []
+    keyed = [{k: v for k, v in r.experiment().items() if k != SEED} for r in all_runs]
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            a, b = rows[i], rows[j]
+            if keyed[i] == keyed[j] and a["seed"] != b["seed"] and a["final_ppl"] and b["final_ppl"]:
+                out.append({"variant": a["variant"], "runs": [a["run"], b["run"]], "seeds": [a["seed"], b["seed"]],
+                            "final_ppl": [a["final_ppl"], b["final_ppl"]],
+                            "ppl_diff_pct": 100 * abs(a["final_ppl"] / b["final_ppl"] - 1),
+                            "loss_diff": abs(a["final_loss"] - b["final_loss"])})
+    return out
+
+
+def _label(row: dict, same_variant: list[dict]) -> str:
+    """The variant's paper name; with its seed, or else its run's name, when several runs have that variant."""
+    if len(same_variant) == 1:
+        return row["variant"]
+    if len({o["seed"] for o in same_variant}) == len(same_variant):
+        return f"{row['variant']} seed {row['seed']}"
+    return f"{row['variant']} ({row['run']})"
+
+
+def compare(paths: list[str | Path]) -> dict:
+    """Load and summarize the runs; raises runs.RunError for a directory that is not a run."""
+    all_runs = [runs.load(p) for p in runs.expand(paths)]
+    names = [r.name for r in all_runs]
+    if len(set(names)) < len(names):  # e.g. two ablation directories with the same variant names
+        for r in all_runs:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
+    rows = [summarize(r) for r in all_runs]
+    baseline = next((r for r in rows if r["variant"] == "QKV" and r["final_ppl"]), None)
+    for r in rows:
+        r["ppl_vs_qkv_pct"] = (100 * (r["final_ppl"] / baseline["final_ppl"] - 1)
+                               if baseline and r["final_ppl"] else None)
+        r["label"] = _label(r, [o for o in rows if o["variant"] == r["variant"]])
+    warnings = differences(all_runs)
+    warnings += [f"{r['run']} is unfinished (step {r['steps_done']} of {r['total_steps']}): its final loss is the "
+                 f"newest validation (step {r['final_step']}), not the end of its budget" for r in rows
+                 if not r["finished"]]
+    warnings += [f"{r['run']} has no validation result yet" for r in rows if r["final_loss"] is None]
+    return {"rows": rows, "baseline": baseline["run"] if baseline else None, "seed_noise": seed_noise(rows, all_runs),
+            "warnings": warnings}
+
+
+def _num(value, fmt: str, scale: float = 1.0) -> str:
+    return "–" if value is None else format(value * scale, fmt)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+HEADER = ["variant", "run", "params", "KV B/token", "final loss", "final ppl", "best loss", "best ppl",
+          "ppl vs QKV", "tokens/s", "MFU", "peak mem GiB", "steps", "wall"]
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    out = []
+    for r in result["rows"]:
+        delta = r["ppl_vs_qkv_pct"]
+        out.append([r["label"], r["run"], f"{r['parameters']:,}", f"{r['kv_bytes_per_token']:,}",
+                    _num(r["final_loss"], ".4f"), _num(r["final_ppl"], ".2f"), _num(r["best_loss"], ".4f"),
+                    _num(r["best_ppl"], ".2f"), "–" if delta is None else f"{delta:+.2f}%",
+                    _num(r["tokens_per_s"], ",.0f"), _num(r["mfu"], ".1f", 100) + ("" if r["mfu"] is None else "%"),
+                    _num(r["peak_memory_gib"], ".2f"),
+                    f"{r['steps_done']}/{r['total_steps']}" + ("" if r["finished"] else " unfinished"),
+                    _hms(r["wall_s"])])
+    return out
+
+
+def notes(result: dict) -> list[str]:
+    lines = [f"baseline: {result['baseline']}" if result["baseline"] else
+             "baseline: no finished QKV run among these, so no 'ppl vs QKV'"]
+    lines += [f"seed noise: {s['variant']} {s['runs'][0]} (seed {s['seeds'][0]}) vs {s['runs'][1]} (seed "
+              f"{s['seeds'][1]}): final ppl {s['final_ppl'][0]:.2f} vs {s['final_ppl'][1]:.2f}, "
+              f"{s['ppl_diff_pct']:.2f}% apart (loss {s['loss_diff']:.4f})" for s in result["seed_noise"]]
+    lines += [f"warning: {w}" for w in result["warnings"]]
+    lines.append("KV B/token: KV cache of all layers per token of context in bf16; ppl vs QKV: final validation "
+                 "perplexity against the baseline; tokens/s and MFU: medians over the run's steps")
+    return lines
+
+
+def render(result: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(result, indent=1)
+    body = table_rows(result)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines + [""] + [f"- {n}" for n in notes(result)])
+    widths = [max(len(row[i]) for row in [HEADER] + body) for i in range(len(HEADER))]
+    line = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([line(HEADER), line(["-" * w for w in widths])] + [line(r) for r in body] + [""] + notes(result))
+
+
+def report(paths: list[Path], fmt: str, out_dir: Path) -> None:
+    """The end of an ablation: print the table, write out_dir/comparison.md and .json and the figures (a note
+    instead of figures when matplotlib is missing)."""
+    from .. import figures
+
+    try:
+        result = compare(paths)
+    except runs.RunError as exc:
+        print(f"no comparison: {exc}", flush=True)
+        return
+    print(render(result, fmt), flush=True)
+    (out_dir / "comparison.md").write_text(render(result, "markdown") + "\n")
+    (out_dir / "comparison.json").write_text(render(result, "json") + "\n")
+    try:
+        drawn = figures.comparison(result, out_dir)
+        print(f"tables in {out_dir}/comparison.md and .json; figures: {', '.join(map(str, drawn))}", flush=True)
+    except figures.Unavailable as exc:
+        print(f"tables in {out_dir}/comparison.md and .json; no figures: {exc}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="compare_runs.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories (pretrain.py --save), or ablation directories")
+    parser.add_argument("--format", choices=("text", "markdown", "json"), default="text")
+    parser.add_argument("--plot", type=Path, metavar="DIR",
+                        help="write valid_loss.png, ppl_vs_kv.png and throughput.png into DIR (needs matplotlib: "
+                             "pip install 'megaqkv[plot]')")
+    args = parser.parse_args(argv)
+    from .. import figures
+
+    try:
+        result = compare(args.runs)
+    except runs.RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(render(result, args.format))
+    if args.plot:
+        try:
+            for path in figures.comparison(result, args.plot):
+                print(f"wrote {path}", file=sys.stderr)
+        except figures.Unavailable as exc:
+            print(f"error: --plot: {exc}", file=sys.stderr)
+            return 2
+    return 0
