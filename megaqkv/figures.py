@@ -101,6 +101,7 @@ def comparison_figures(result: dict) -> dict:
                    color=[colors[r["run"]] for r in speed], hatch=[None if r["finished"] else "//" for r in speed])
     ax.bar_label(bars, [f"{r['tokens_per_s']:,.0f}" for r in speed], fontsize=8, padding=2)
     ax.invert_yaxis()
+    ax.margins(x=0.12)  # room for the value labels
     ax.set_xlabel("training throughput (tokens per second, median over steps)")
     devices = sorted({f"{r['device']} × {r['world_size']} process(es)" for r in speed if r["device"]})
     ax.set_title("Training throughput" + (f" on {'; '.join(devices)}" if devices else ""), fontsize=9)

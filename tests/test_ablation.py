@@ -111,6 +111,7 @@ def test_an_unfinished_run_is_plotted_and_marked(tmp_path, capsys):
     assert code == 0 and "3/4 unfinished" in out
     assert "warning: kv is unfinished (step 3 of 4): its final loss is the newest validation (step 2)" in out
     result = compare.compare([tmp_path / "qkv", tmp_path / "kv"])
+    assert result["rows"][1]["ppl_vs_qkv_pct"] == pytest.approx(100 * (math.exp(-0.5) - 1))  # both at step 2
     figs = figures.comparison_figures(result)
     curves = {l.get_label(): l.get_linestyle() for l in figs["valid_loss.png"].axes[0].get_lines()}
     assert curves == {"QKV": "-", "Q–K=V (unfinished)": "--"}

@@ -104,6 +104,16 @@ def _label(row: dict, same_variant: list[dict]) -> str:
     return f"{row['variant']} ({row['run']})"
 
 
+def _vs_baseline(row: dict, baseline: dict | None) -> float | None:
+    """The row's final validation perplexity against the baseline's at the same number of tokens (an unfinished
+    run is compared where it stands), or against the baseline's final one when it has no validation there."""
+    if baseline is None or row["final_loss"] is None:
+        return None
+    tokens = row["valid_curve"][-1][0]
+    ref = dict(baseline["valid_curve"]).get(tokens, baseline["final_loss"])
+    return 100 * (math.exp(row["final_loss"] - ref) - 1)
+
+
 def compare(paths: list[str | Path]) -> dict:
     """Load and summarize the runs; raises runs.RunError for a directory that is not a run."""
     all_runs = [runs.load(p) for p in runs.expand(paths)]
@@ -112,10 +122,10 @@ def compare(paths: list[str | Path]) -> dict:
         for r in all_runs:
             r.name = f"{r.path.parent.name}/{r.path.name}"
     rows = [summarize(r) for r in all_runs]
-    baseline = next((r for r in rows if r["variant"] == "QKV" and r["final_ppl"]), None)
+    qkv = [r for r in rows if r["variant"] == "QKV" and r["final_loss"] is not None]
+    baseline = next((r for r in qkv if r["finished"]), qkv[0] if qkv else None)
     for r in rows:
-        r["ppl_vs_qkv_pct"] = (100 * (r["final_ppl"] / baseline["final_ppl"] - 1)
-                               if baseline and r["final_ppl"] else None)
+        r["ppl_vs_qkv_pct"] = _vs_baseline(r, baseline)
         r["label"] = _label(r, [o for o in rows if o["variant"] == r["variant"]])
     warnings = differences(all_runs)
     warnings += [f"{r['run']} is unfinished (step {r['steps_done']} of {r['total_steps']}): its final loss is the "
@@ -155,13 +165,14 @@ def table_rows(result: dict) -> list[list[str]]:
 
 def notes(result: dict) -> list[str]:
     lines = [f"baseline: {result['baseline']}" if result["baseline"] else
-             "baseline: no finished QKV run among these, so no 'ppl vs QKV'"]
+             "baseline: no QKV run with a validation result among these, so no 'ppl vs QKV'"]
     lines += [f"seed noise: {s['variant']} {s['runs'][0]} (seed {s['seeds'][0]}) vs {s['runs'][1]} (seed "
               f"{s['seeds'][1]}): final ppl {s['final_ppl'][0]:.2f} vs {s['final_ppl'][1]:.2f}, "
               f"{s['ppl_diff_pct']:.2f}% apart (loss {s['loss_diff']:.4f})" for s in result["seed_noise"]]
     lines += [f"warning: {w}" for w in result["warnings"]]
     lines.append("KV B/token: KV cache of all layers per token of context in bf16; ppl vs QKV: final validation "
-                 "perplexity against the baseline; tokens/s and MFU: medians over the run's steps")
+                 "perplexity against the baseline's after as many training tokens (an unfinished run: where it "
+                 "stands); tokens/s and MFU: medians over the run's steps; wall: the training loop's time")
     return lines
 
 
