@@ -88,11 +88,16 @@ def comparison_figures(result: dict) -> dict:
     ticks = sorted({p[0] for p in points})
     ax.set_xticks(ticks, [_kib(t) for t in ticks], fontsize=8)
     ax.minorticks_off()
+    ax.margins(x=0.22, y=0.08)  # room for the point labels
     ax.set_xlabel("KV cache per token of context, all layers, bf16 (log scale)")
     ax.set_ylabel("final validation perplexity")
     ax.set_title("Perplexity against KV-cache size (hollow: unfinished run)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    base = next((r["final_ppl"] for r in rows if r["run"] == result["baseline"]), None)
+    if base:
+        right = ax.secondary_yaxis("right", functions=(lambda p: 100 * (p / base - 1), lambda d: base * (1 + d / 100)))
+        right.set_ylabel(f"perplexity change vs {result['baseline']} (QKV), %")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     figs["ppl_vs_kv.png"] = fig
 
     speed = [r for r in rows if r["tokens_per_s"] is not None]

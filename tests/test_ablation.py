@@ -125,17 +125,26 @@ def test_an_unfinished_run_is_plotted_and_marked(tmp_path, capsys):
         assert (tmp_path / "figs" / name).read_bytes()[:8] == PNG
 
 
-def test_two_seeds_of_one_variant_give_the_seed_noise(tmp_path):
+def test_seeds_of_one_variant_give_the_seed_noise(tmp_path):
     write_run(tmp_path / "qkv", valid=(7.0, 6.0))
     write_run(tmp_path / "qkv_seed7", overrides=["training.seed=7"], valid=(7.0, 6.02))
+    write_run(tmp_path / "qkv_seed8", overrides=["training.seed=8"], valid=(7.0, 6.04))
     write_run(tmp_path / "kv", "kv", valid=(7.0, 6.1))
-    result = compare.compare([tmp_path / "qkv", tmp_path / "qkv_seed7", tmp_path / "kv"])
-    assert [r["label"] for r in result["rows"]] == ["QKV seed 1234", "QKV seed 7", "Q–K=V"]
-    (noise,) = result["seed_noise"]
-    assert noise["runs"] == ["qkv", "qkv_seed7"] and noise["ppl_diff_pct"] == pytest.approx(
-        100 * (1 - math.exp(-0.02)))
+    write_run(tmp_path / "kv_seed7", "kv", ["training.seed=7"], valid=(7.0, 6.0))
+    result = compare.compare([tmp_path / n for n in ("qkv", "qkv_seed7", "qkv_seed8", "kv", "kv_seed7")])
+    assert [r["label"] for r in result["rows"]] == ["QKV seed 1234", "QKV seed 7", "QKV seed 8", "Q–K=V seed 1234",
+                                                    "Q–K=V seed 7"]
+    qkv, kv = result["seed_noise"]
+    assert qkv["runs"] == ["qkv", "qkv_seed7", "qkv_seed8"] and qkv["seeds"] == [1234, 7, 8]
+    assert qkv["mean_loss"] == pytest.approx(6.02) and qkv["std_loss"] == pytest.approx(0.02)
+    assert qkv["ppl_spread_pct"] == pytest.approx(100 * (math.exp(0.04) - 1))
+    assert kv["mean_ppl_vs_qkv_pct"] == pytest.approx(100 * (math.exp(6.05 - 6.02) - 1))
     assert result["warnings"] == []  # the seed is no difference in data or budget
-    assert "seed noise: QKV qkv (seed 1234) vs qkv_seed7 (seed 7)" in compare.render(result, "text")
+    text = compare.render(result, "text")
+    assert "seed noise: QKV over seeds 1234, 7, 8: final loss 6.0000, 6.0200, 6.0400 (mean 6.0200, sample std " \
+           "0.0200; perplexities at most 4.08% apart)" in text
+    assert "seed noise: Q–K=V over seeds 1234, 7: final loss 6.1000, 6.0000 (mean 6.0500, sample std 0.0707; " \
+           "perplexities at most 10.52% apart); mean ppl +3.05% vs the QKV seeds' mean" in text
 
 
 def test_pareto_front():

@@ -80,18 +80,27 @@ def differences(all_runs: list[runs.Run]) -> list[str]:
 
 
 def seed_noise(rows: list[dict], all_runs: list[runs.Run]) -> list[dict]:
-    """Pairs of runs that are the same experiment and variant except for training.seed: how far apart their
-    final perplexities are, the yardstick for differences between variants."""
+    """Runs that are the same experiment and variant except for training.seed, grouped: the spread of their final
+    validation losses is the yardstick for differences between variants. Each group's mean is also compared with
+    the QKV group's mean (or the single QKV baseline), which is steadier than one seed against one seed."""
+    groups: dict[str, list[dict]] = {}
+    for row, run in zip(rows, all_runs):
+        if row["final_loss"] is not None and row["finished"]:
+            key = json.dumps({k: v for k, v in run.experiment().items() if k != SEED}, sort_keys=True, default=str)
+            groups.setdefault(key, []).append(row)
+    qkv = next((g for g in groups.values() if g[0]["variant"] == "QKV"), None)
     out = []
-    keyed = [{k: v for k, v in r.experiment().items() if k != SEED} for r in all_runs]
-    for i in range(len(rows)):
-        for j in range(i + 1, len(rows)):
-            a, b = rows[i], rows[j]
-            if keyed[i] == keyed[j] and a["seed"] != b["seed"] and a["final_ppl"] and b["final_ppl"]:
-                out.append({"variant": a["variant"], "runs": [a["run"], b["run"]], "seeds": [a["seed"], b["seed"]],
-                            "final_ppl": [a["final_ppl"], b["final_ppl"]],
-                            "ppl_diff_pct": 100 * abs(a["final_ppl"] / b["final_ppl"] - 1),
-                            "loss_diff": abs(a["final_loss"] - b["final_loss"])})
+    for members in groups.values():
+        if len({m["seed"] for m in members}) < 2:
+            continue
+        losses = [m["final_loss"] for m in members]
+        mean = statistics.mean(losses)
+        out.append({"variant": members[0]["variant"], "runs": [m["run"] for m in members],
+                    "seeds": [m["seed"] for m in members], "final_loss": losses, "mean_loss": mean,
+                    "std_loss": statistics.stdev(losses),
+                    "ppl_spread_pct": 100 * (math.exp(max(losses) - min(losses)) - 1),
+                    "mean_ppl_vs_qkv_pct": None if qkv is None else
+                    100 * (math.exp(mean - statistics.mean(m["final_loss"] for m in qkv)) - 1)})
     return out
 
 
@@ -128,10 +137,9 @@ def compare(paths: list[str | Path]) -> dict:
         r["ppl_vs_qkv_pct"] = _vs_baseline(r, baseline)
         r["label"] = _label(r, [o for o in rows if o["variant"] == r["variant"]])
     warnings = differences(all_runs)
-    warnings += [f"{r['run']} is unfinished (step {r['steps_done']} of {r['total_steps']}): its final loss is the "
-                 f"newest validation (step {r['final_step']}), not the end of its budget" for r in rows
-                 if not r["finished"]]
-    warnings += [f"{r['run']} has no validation result yet" for r in rows if r["final_loss"] is None]
+    warnings += [f"{r['run']} is unfinished (step {r['steps_done']} of {r['total_steps']}): " + (
+        f"its final loss is the newest validation (step {r['final_step']}), not the end of its budget"
+        if r["final_loss"] is not None else "no validation result yet") for r in rows if not r["finished"]]
     return {"rows": rows, "baseline": baseline["run"] if baseline else None, "seed_noise": seed_noise(rows, all_runs),
             "warnings": warnings}
 
@@ -163,12 +171,18 @@ def table_rows(result: dict) -> list[list[str]]:
     return out
 
 
+def _seed_line(g: dict) -> str:
+    vs_qkv = g["mean_ppl_vs_qkv_pct"]
+    return (f"seed noise: {g['variant']} over seeds {', '.join(map(str, g['seeds']))}: final loss "
+            f"{', '.join(f'{x:.4f}' for x in g['final_loss'])} (mean {g['mean_loss']:.4f}, sample std "
+            f"{g['std_loss']:.4f}; perplexities at most {g['ppl_spread_pct']:.2f}% apart)"
+            + ("" if vs_qkv is None or g["variant"] == "QKV" else f"; mean ppl {vs_qkv:+.2f}% vs the QKV seeds' mean"))
+
+
 def notes(result: dict) -> list[str]:
     lines = [f"baseline: {result['baseline']}" if result["baseline"] else
              "baseline: no QKV run with a validation result among these, so no 'ppl vs QKV'"]
-    lines += [f"seed noise: {s['variant']} {s['runs'][0]} (seed {s['seeds'][0]}) vs {s['runs'][1]} (seed "
-              f"{s['seeds'][1]}): final ppl {s['final_ppl'][0]:.2f} vs {s['final_ppl'][1]:.2f}, "
-              f"{s['ppl_diff_pct']:.2f}% apart (loss {s['loss_diff']:.4f})" for s in result["seed_noise"]]
+    lines += [_seed_line(g) for g in result["seed_noise"]]
     lines += [f"warning: {w}" for w in result["warnings"]]
     lines.append("KV B/token: KV cache of all layers per token of context in bf16; ppl vs QKV: final validation "
                  "perplexity against the baseline's after as many training tokens (an unfinished run: where it "
