@@ -65,7 +65,7 @@ def test_the_table_holds_the_runs_numbers(tmp_path, capsys):
     assert kv["ppl_vs_qkv_pct"] == pytest.approx(100 * (math.exp(0.1) - 1)) and qkv["ppl_vs_qkv_pct"] == 0
     assert kv["tokens_per_s"] == 1202.5 and kv["mfu"] == pytest.approx(0.025)  # medians of steps 1-4
     assert kv["peak_memory_gib"] == 1.04 and kv["wall_s"] == 8.0 and kv["finished"]
-    assert result["baseline"] == "qkv" and result["warnings"] == [] and result["seed_noise"] == []
+    assert result["baseline"] == "qkv" and result["warnings"] == [] and len(result["variants"]) == 2
     code, out, _ = table(capsys, tmp_path / "ab" / "qkv", tmp_path / "ab" / "kv", "--format", "markdown")
     assert "| Q–K=V | kv | " in out
     assert "| 6.1000 | 445.86 | 6.1000 | 445.86 | +10.52% | 1,202 | 2.5% | 1.04 | 4/4 |" in out
@@ -134,17 +134,18 @@ def test_seeds_of_one_variant_give_the_seed_noise(tmp_path):
     result = compare.compare([tmp_path / n for n in ("qkv", "qkv_seed7", "qkv_seed8", "kv", "kv_seed7")])
     assert [r["label"] for r in result["rows"]] == ["QKV seed 1234", "QKV seed 7", "QKV seed 8", "Q–K=V seed 1234",
                                                     "Q–K=V seed 7"]
-    qkv, kv = result["seed_noise"]
+    qkv, kv = result["variants"]
     assert qkv["runs"] == ["qkv", "qkv_seed7", "qkv_seed8"] and qkv["seeds"] == [1234, 7, 8]
     assert qkv["mean_loss"] == pytest.approx(6.02) and qkv["std_loss"] == pytest.approx(0.02)
     assert qkv["ppl_spread_pct"] == pytest.approx(100 * (math.exp(0.04) - 1))
     assert kv["mean_ppl_vs_qkv_pct"] == pytest.approx(100 * (math.exp(6.05 - 6.02) - 1))
     assert result["warnings"] == []  # the seed is no difference in data or budget
-    text = compare.render(result, "text")
-    assert "seed noise: QKV over seeds 1234, 7, 8: final loss 6.0000, 6.0200, 6.0400 (mean 6.0200, sample std " \
-           "0.0200; perplexities at most 4.08% apart)" in text
-    assert "seed noise: Q–K=V over seeds 1234, 7: final loss 6.1000, 6.0000 (mean 6.0500, sample std 0.0707; " \
-           "perplexities at most 10.52% apart); mean ppl +3.05% vs the QKV seeds' mean" in text
+    text = compare.render(result, "text").splitlines()
+    means = text.index(next(l for l in text if l.startswith("Mean over seeds")))
+    assert text[means + 3].split() == ["QKV", "1234", "7", "8", "6.0000", "6.0200", "6.0400", "6.0200", "0.0200",
+                                       "4.08%", "411.58", "+0.00%", "1,024"]
+    assert text[means + 4].split() == ["Q–K=V", "1234", "7", "6.1000", "6.0000", "6.0500", "0.0707", "10.52%",
+                                       "424.11", "+3.05%", "512"]
 
 
 def test_pareto_front():

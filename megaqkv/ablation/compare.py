@@ -79,28 +79,27 @@ def differences(all_runs: list[runs.Run]) -> list[str]:
     return out
 
 
-def seed_noise(rows: list[dict], all_runs: list[runs.Run]) -> list[dict]:
-    """Runs that are the same experiment and variant except for training.seed, grouped: the spread of their final
-    validation losses is the yardstick for differences between variants. Each group's mean is also compared with
-    the QKV group's mean (or the single QKV baseline), which is steadier than one seed against one seed."""
+def by_variant(rows: list[dict], all_runs: list[runs.Run]) -> list[dict]:
+    """Finished runs grouped by everything but training.seed (in an ablation: one group per variant). Across a
+    group's seeds, the spread of the final validation loss is the yardstick for differences between variants,
+    and its mean is compared with the QKV group's mean, which is steadier than one seed against one seed."""
     groups: dict[str, list[dict]] = {}
     for row, run in zip(rows, all_runs):
         if row["final_loss"] is not None and row["finished"]:
             key = json.dumps({k: v for k, v in run.experiment().items() if k != SEED}, sort_keys=True, default=str)
             groups.setdefault(key, []).append(row)
     qkv = next((g for g in groups.values() if g[0]["variant"] == "QKV"), None)
+    qkv_mean = statistics.mean(m["final_loss"] for m in qkv) if qkv else None
     out = []
     for members in groups.values():
-        if len({m["seed"] for m in members}) < 2:
-            continue
         losses = [m["final_loss"] for m in members]
         mean = statistics.mean(losses)
         out.append({"variant": members[0]["variant"], "runs": [m["run"] for m in members],
                     "seeds": [m["seed"] for m in members], "final_loss": losses, "mean_loss": mean,
-                    "std_loss": statistics.stdev(losses),
+                    "std_loss": statistics.stdev(losses) if len(losses) > 1 else None, "mean_ppl": math.exp(mean),
                     "ppl_spread_pct": 100 * (math.exp(max(losses) - min(losses)) - 1),
-                    "mean_ppl_vs_qkv_pct": None if qkv is None else
-                    100 * (math.exp(mean - statistics.mean(m["final_loss"] for m in qkv)) - 1)})
+                    "mean_ppl_vs_qkv_pct": None if qkv_mean is None else 100 * (math.exp(mean - qkv_mean) - 1),
+                    "kv_bytes_per_token": members[0]["kv_bytes_per_token"]})
     return out
 
 
@@ -140,7 +139,7 @@ def compare(paths: list[str | Path]) -> dict:
     warnings += [f"{r['run']} is unfinished (step {r['steps_done']} of {r['total_steps']}): " + (
         f"its final loss is the newest validation (step {r['final_step']}), not the end of its budget"
         if r["final_loss"] is not None else "no validation result yet") for r in rows if not r["finished"]]
-    return {"rows": rows, "baseline": baseline["run"] if baseline else None, "seed_noise": seed_noise(rows, all_runs),
+    return {"rows": rows, "baseline": baseline["run"] if baseline else None, "variants": by_variant(rows, all_runs),
             "warnings": warnings}
 
 
@@ -171,18 +170,9 @@ def table_rows(result: dict) -> list[list[str]]:
     return out
 
 
-def _seed_line(g: dict) -> str:
-    vs_qkv = g["mean_ppl_vs_qkv_pct"]
-    return (f"seed noise: {g['variant']} over seeds {', '.join(map(str, g['seeds']))}: final loss "
-            f"{', '.join(f'{x:.4f}' for x in g['final_loss'])} (mean {g['mean_loss']:.4f}, sample std "
-            f"{g['std_loss']:.4f}; perplexities at most {g['ppl_spread_pct']:.2f}% apart)"
-            + ("" if vs_qkv is None or g["variant"] == "QKV" else f"; mean ppl {vs_qkv:+.2f}% vs the QKV seeds' mean"))
-
-
 def notes(result: dict) -> list[str]:
     lines = [f"baseline: {result['baseline']}" if result["baseline"] else
              "baseline: no QKV run with a validation result among these, so no 'ppl vs QKV'"]
-    lines += [_seed_line(g) for g in result["seed_noise"]]
     lines += [f"warning: {w}" for w in result["warnings"]]
     lines.append("KV B/token: KV cache of all layers per token of context in bf16; ppl vs QKV: final validation "
                  "perplexity against the baseline's after as many training tokens (an unfinished run: where it "
@@ -190,17 +180,39 @@ def notes(result: dict) -> list[str]:
     return lines
 
 
+SEED_HEADER = ["variant", "seeds", "final loss per seed", "mean loss", "sample std", "ppl spread", "ppl of mean",
+               "vs QKV mean", "KV B/token"]
+
+
+def seed_rows(result: dict) -> list[list[str]]:
+    return [[g["variant"], " ".join(map(str, g["seeds"])), " ".join(f"{x:.4f}" for x in g["final_loss"]),
+             f"{g['mean_loss']:.4f}", _num(g["std_loss"], ".4f"),
+             "–" if len(g["seeds"]) == 1 else f"{g['ppl_spread_pct']:.2f}%", f"{g['mean_ppl']:.2f}",
+             "–" if g["mean_ppl_vs_qkv_pct"] is None else f"{g['mean_ppl_vs_qkv_pct']:+.2f}%",
+             f"{g['kv_bytes_per_token']:,}"] for g in result["variants"]]
+
+
+def _table(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+            "| " + " | ".join(row) + " |" for row in body]
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+    line = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in body]
+
+
 def render(result: dict, fmt: str) -> str:
+    """The table (and, when some variant has several seeds, the means over seeds) with the notes."""
     if fmt == "json":
         return json.dumps(result, indent=1)
-    body = table_rows(result)
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines + [""] + [f"- {n}" for n in notes(result)])
-    widths = [max(len(row[i]) for row in [HEADER] + body) for i in range(len(HEADER))]
-    line = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([line(HEADER), line(["-" * w for w in widths])] + [line(r) for r in body] + [""] + notes(result))
+    markdown = fmt == "markdown"
+    lines = _table(HEADER, table_rows(result), markdown)
+    if any(len(g["seeds"]) > 1 for g in result["variants"]):
+        title = ("Mean over seeds (finished runs; ppl spread: largest over smallest final perplexity among the seeds, "
+                 "the seed noise)")
+        lines += ["", f"**{title}**" if markdown else title,
+                  *([""] if markdown else []), *_table(SEED_HEADER, seed_rows(result), markdown)]
+    return "\n".join(lines + [""] + [f"- {n}" if markdown else n for n in notes(result)])
 
 
 def report(paths: list[Path], fmt: str, out_dir: Path) -> None:
