@@ -9,6 +9,10 @@
 #   launch.sh demo [WORKDIR]
 #       CPU demo: preprocess the public-domain corpus in tests/fixtures, train a tiny Q–K=V model with TP=2 on
 #       2 processes until the validation loss falls, save a checkpoint, print where the TensorBoard logs are
+#   launch.sh ablate [VARIANT ...] --dir DIR -- [pretrain.py ARGS]
+#       one pretraining per variant (default: the paper's 300M set) with identical data, seed, budget and schedule
+#       into DIR/<variant>/, launched as `train` launches, then the comparison table and figures; run it again to
+#       skip finished variants and resume an interrupted one (tools/ablate.py)
 #   launch.sh analyze [analyze.py ARGS]
 #       parameters, FLOPs and KV-cache bytes per variant
 #
@@ -88,9 +92,13 @@ print(f"demo: validation loss {first['loss']:.3f} (step {first['step']}) -> {las
       f"TensorBoard: tensorboard --logdir {(Path(sys.argv[1]) / 'tensorboard').resolve()}")
 EOF
     ;;
+  ablate)
+    choose_launcher
+    exec "${launcher[@]}" "$here/tools/ablate.py" "$@"
+    ;;
   analyze) exec "$py" "$here/tools/analyze.py" "$@" ;;
   *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

@@ -32,16 +32,20 @@ setup(
         # transformers: the HF exports are checked through transformers itself (the native model needs its 5.24
         # cache API); lm-eval + accelerate: the harness adapter, and `lm_eval --model hf` on an export
         # triton: the Triton kernels are tested on CPU through its interpreter (TRITON_INTERPRET=1)
+        # matplotlib: the figures of compare_runs.py, ablate.py and analyze.py --plot are drawn and checked
         "test": ["pytest>=8.0", "pytest-timeout>=2.3", "megatron-core>=0.12", "transformers>=5.24", "lm-eval>=0.4.2",
-                 "accelerate>=0.26", "triton>=3.0", "gigatoken>=0.10"],
+                 "accelerate>=0.26", "triton>=3.0", "gigatoken>=0.10", "matplotlib>=3.7"],
         "eval": ["lm-eval>=0.4.2", "transformers>=5.24", "accelerate>=0.26"],
         "flash": ["flash-attn>=2.5"],
         # gigatoken: GPT-2 BPE for preprocessing at several times tiktoken's speed per core (same ids); tiktoken without it
         "fast": ["gigatoken>=0.10"],
         "triton": ["triton>=3.0"],  # megaqkv's attention kernels (CUDA); PyTorch paths without it
+        "plot": ["matplotlib>=3.7"],  # PNG figures (compare_runs.py, ablate.py, analyze.py --plot); tables without it
     },
     entry_points={"console_scripts": [
         "megaqkv-analyze=megaqkv.analysis:main",
+        "megaqkv-ablate=megaqkv.ablation.ablate:main",
+        "megaqkv-compare-runs=megaqkv.ablation.compare:main",
         "megaqkv-preprocess=megaqkv.data.preprocess:main",
         "megaqkv-train-tokenizer=megaqkv.data.train_tokenizer:main",
         "megaqkv-convert=megaqkv.convert:main",

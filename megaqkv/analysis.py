@@ -228,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sp", type=int, nargs="+", default=[],
                         help="also show the bytes sequence parallelism exchanges at these SP sizes (at the longest "
                              "--seq-lens, TP 1 or each --tp)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="also draw KV cache against context length (up to --context) and parameters per variant "
+                             "(needs matplotlib: pip install 'megaqkv[plot]')")
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="machine-readable output")
     fmt.add_argument("--markdown", action="store_true", help="markdown tables")
@@ -246,10 +249,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"conventions": CONVENTION_NOTE, "rows": rows, "per_rank": ranks,
                           "sequence_parallel": exchange}, indent=2))
-        return 0
-    sep = "\n\n"
-    blocks = (tables(rows, args.seq_lens, args.context) + ([per_rank_table(ranks)] if ranks else [])
-              + ([sequence_table(exchange)] if exchange else []))
-    print(sep.join(render(*t, markdown=args.markdown) for t in blocks))
-    print(sep + CONVENTION_NOTE)
+    else:
+        sep = "\n\n"
+        blocks = (tables(rows, args.seq_lens, args.context) + ([per_rank_table(ranks)] if ranks else [])
+                  + ([sequence_table(exchange)] if exchange else []))
+        print(sep.join(render(*t, markdown=args.markdown) for t in blocks))
+        print(sep + CONVENTION_NOTE)
+    return plot(rows, args.context, args.plot) if args.plot else 0
+
+
+def plot(rows: list[dict], context: int, path: Path) -> int:
+    """analyze.py --plot: the figure of figures.analysis over contexts from 128 tokens up to `context`."""
+    from . import figures
+
+    contexts = sorted({2 ** k for k in range(7, context.bit_length()) if 2 ** k <= context} | {context})
+    try:
+        print(f"wrote {figures.analysis(rows, contexts, path)}", file=sys.stderr)
+    except figures.Unavailable as exc:
+        print(f"error: --plot: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -24,7 +24,7 @@ ffn_hidden_size: 256
 """
 
 
-@pytest.mark.parametrize("scale", ["300M", "1.2B", "tiny"])
+@pytest.mark.parametrize("scale", ["300M", "1.2B", "tiny", "cpu"])
 def test_every_preset_file_loads_with_its_variant(scale):
     for preset, (sharing, g) in PRESETS.items():
         cfg = load_model_config(MODEL_CONFIGS / f"{scale}_{preset}.yaml")

@@ -161,13 +161,13 @@ def fake_node(tmp_path):
     return tmp_path
 
 
-def launch_train(node, fake_launchers=True, **env) -> str:
+def launch_train(node, fake_launchers=True, command="train", **env) -> str:
     base = {k: v for k, v in cpu_env().items() if k not in ("CUDA_VISIBLE_DEVICES", "NPROC")}
     path = f"{node / 'fake'}{os.pathsep}{base['PATH']}"
     if not fake_launchers:  # only nvidia-smi is fake: the real deepspeed of this environment starts the probes
         (node / "fake" / "deepspeed").unlink()
         path = f"{node / 'fake'}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{base['PATH']}"
-    proc = subprocess.run(["bash", str(node / "launch.sh"), "train", "--x"], capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(node / "launch.sh"), command, "--x"], capture_output=True, text=True,
                           timeout=120, env={**base, "PATH": path, "PYTHON": str(node / "fake" / "python"), **env})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -184,6 +184,15 @@ def launch_train(node, fake_launchers=True, **env) -> str:
 ])
 def test_launch_train_keeps_cuda_visible_devices(fake_node, env, command):
     assert launch_train(fake_node, **env).strip() == command.format(node=fake_node)
+
+
+@pytest.mark.parametrize("env, command", [
+    ({}, "deepspeed --num_gpus 4 {node}/tools/ablate.py --x CUDA_VISIBLE_DEVICES=unset"),
+    ({"CUDA_VISIBLE_DEVICES": "", "NPROC": "2"},
+     "python -m torch.distributed.run --standalone --nproc_per_node 2 {node}/tools/ablate.py --x CUDA_VISIBLE_DEVICES="),
+])
+def test_launch_ablate_starts_the_ablation_as_train_starts_pretraining(fake_node, env, command):
+    assert launch_train(fake_node, command="ablate", **env).strip() == command.format(node=fake_node)
 
 
 def test_deepspeed_as_launch_sh_calls_it_gives_each_process_the_visible_gpus(fake_node):

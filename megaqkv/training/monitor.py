@@ -148,6 +148,20 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
+RUN_RECORD = "run.json"
+
+
+def write_run_record(log_dir: Path, cfg: Config, world_size: int) -> None:
+    """The resolved config, world size and device beside metrics.jsonl, so that a run's metrics can be read
+    (tools/compare_runs.py) without opening a checkpoint; rewritten at every start, atomically."""
+    device = torch.cuda.get_device_name() if uses_cuda() else cpu_model()
+    record = {"config": cfg.to_dict(), "world_size": world_size, "device": device}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tmp = log_dir / f".{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, log_dir / RUN_RECORD)
+
+
 class Monitor:
     """Prints and records on global rank 0; every rank keeps the timing it needs for ETA."""
 
@@ -167,6 +181,7 @@ class Monitor:
             # a resumed run first drops what a killed run logged after its checkpoint, as metrics.jsonl does
             self.writer = SummaryWriter(log_dir=cfg.logging.tensorboard_dir,
                                         purge_step=first_step if first_step > 1 else None)
+            write_run_record(Path(cfg.logging.tensorboard_dir), cfg, world_size)
         if is_writer:
             log(f"MFU convention: {self.flops_per_token / 1e6:.1f} MFLOP per trained token (6 × exact forward "
                 f"MACs/token: real projection rows, causal attention); Megatron's: "

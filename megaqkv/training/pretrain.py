@@ -92,6 +92,35 @@ def configure(args) -> Config:
     return cfg
 
 
+def train(cfg: Config, ds_config: str | None, rank0: bool) -> tuple[int, dict | None]:
+    """Print the resolved configuration, join the process group (once per process) and train:
+    (exit code, the loop's result or None). tools/ablate.py calls it once per variant in one process group."""
+    if rank0:
+        print("resolved configuration:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
+    from ..checkpoint.consolidated import CheckpointError
+    from ..parallel import init_distributed
+    from .loop import TrainingError, run
+
+    init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
+    try:
+        return 0, run(cfg, ds_config, log=lambda *a: print(*a, flush=True))
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2, None
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1, None
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter does: gloo's threads destroyed at exit can abort the
+    process ("terminate called without an active exception", exit -6) after a complete, saved run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank0 = launcher_rank() == "0"
@@ -104,25 +133,7 @@ def main(argv=None) -> int:
         if rank0:
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    if rank0:
-        print("resolved configuration:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), flush=True)
-    from ..checkpoint.consolidated import CheckpointError
-    from ..parallel import init_distributed
-    from .loop import TrainingError, run
-
-    init_distributed(timeout_s=cfg.parallel.collective_timeout_s)
-    try:
-        run(cfg, args.ds_config, log=lambda *a: print(*a, flush=True))
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    # Tear the process group down before the interpreter does: gloo's threads destroyed at exit can abort the
-    # process ("terminate called without an active exception", exit -6) after a complete, saved run.
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    code, _ = train(cfg, args.ds_config, rank0)
+    if code == 0:
+        leave_process_group()
+    return code
