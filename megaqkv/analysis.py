@@ -156,7 +156,7 @@ def _bytes(n: float) -> str:
 def tables(rows: list[dict], seq_lens: Sequence[int], context: int) -> list[tuple[str, list[str], list[list[str]]]]:
     params = ("Parameters and KV cache (bf16)",
               ["config", "variant", "sharing", "kv heads", "parameters", "attention params", "params vs QKV",
-               "KV / token", f"KV @ {context // 1024}K ctx", "KV vs QKV"],
+               "KV / token", f"KV @ {f'{context // 1024}K' if context % 1024 == 0 else context} ctx", "KV vs QKV"],
               [[r["config"], r["variant"], r["sharing"], str(r["num_kv_heads"]), f"{r['parameters']:,}",
                 f"{r['attention_parameters']:,}", _change(r["parameter_reduction_vs_qkv"], 2),
                 _bytes(r["kv_cache_bytes_per_token"]), _bytes(r["kv_cache_bytes_at_context"]),
@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="analyze.py", description="Parameters, FLOPs and KV-cache bytes per attention variant.",
         epilog=CONVENTION_NOTE)
     parser.add_argument("configs", nargs="*", help="model config YAML files (default: every preset of --scale)")
-    parser.add_argument("--scale", default="300M", help="preset scale when no configs are given (300M, 1.2B, tiny)")
+    parser.add_argument("--scale", default="300M", help="preset scale when no configs are given (300M, 1.2B, cpu, tiny)")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
     parser.add_argument("--context", type=int, default=32768, help="context length for the KV-cache column")
     parser.add_argument("--tp", type=int, nargs="+", default=[],

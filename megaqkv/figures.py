@@ -3,6 +3,7 @@
 raises Unavailable, whose message says what to install, and the tables are unaffected."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 DPI = 110
@@ -48,67 +49,139 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+def _series(result: dict) -> list[dict]:
+    """What the comparison figures draw: one series per variant trained with several seeds (the mean, and the
+    lowest and highest seed as a band or error bar, so that differences are read against the seed noise), and
+    one per remaining run, in the table's order."""
+    rows = {r["run"]: r for r in result["rows"]}
+    grouped = {name: g for g in result["variants"] if len(g["runs"]) > 1 for name in g["runs"]}
+    out, seen = [], set()
+    for row in result["rows"]:
+        group = grouped.get(row["run"])
+        if group is None:
+            ppl, speed = row["final_ppl"], row["tokens_per_s"]
+            out.append({"label": row["label"] + ("" if row["finished"] else UNFINISHED), "name": row["label"],
+                        "finished": row["finished"],
+                        "curve": row["valid_curve"], "band": None, "kv": row["kv_bytes_per_token"],
+                        "ppl": ppl, "ppl_range": None, "speed": speed, "speed_range": None,
+                        "baseline": row["run"] == result["baseline"]})
+            continue
+        if id(group) in seen:
+            continue
+        seen.add(id(group))
+        members = [rows[name] for name in group["runs"]]
+        curves = [dict(m["valid_curve"]) for m in members]
+        tokens = sorted(set.intersection(*(set(c) for c in curves)))
+        losses = [[c[t] for c in curves] for t in tokens]
+        ppls = [m["final_ppl"] for m in members]
+        speeds = [m["tokens_per_s"] for m in members if m["tokens_per_s"] is not None]
+        out.append({"label": f"{group['variant']}, {len(members)} seeds", "name": f"{group['variant']} (mean of "
+                    f"{len(members)} seeds)", "finished": True,
+                    "curve": [(t, sum(v) / len(v)) for t, v in zip(tokens, losses)],
+                    "band": (tokens, [min(v) for v in losses], [max(v) for v in losses]),
+                    "kv": group["kv_bytes_per_token"], "ppl": group["mean_ppl"], "ppl_range": (min(ppls), max(ppls)),
+                    "speed": sorted(speeds)[len(speeds) // 2] if speeds else None,
+                    "speed_range": (min(speeds), max(speeds)) if speeds else None,
+                    "baseline": result["baseline"] in group["runs"]})
+    return out
+
+
 def comparison_figures(result: dict) -> dict:
     """{file name: matplotlib Figure} for compare.compare()'s result: validation loss against training tokens,
-    final perplexity against KV-cache bytes per token with the Pareto front, and training throughput. An
-    unfinished run is drawn dashed / hollow / hatched and labelled as such."""
+    final perplexity against KV-cache bytes per token with the Pareto front, and training throughput. A variant
+    with several seeds is drawn as their mean with the lowest-to-highest seed range; an unfinished run dashed /
+    hollow / hatched and labelled as such."""
     plt = _pyplot()
-    rows = result["rows"]
-    cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
-    colors = {r["run"]: cmap(i % cmap.N) for i, r in enumerate(rows)}
-    label = {r["run"]: r["label"] + ("" if r["finished"] else UNFINISHED) for r in rows}
+    series = _series(result)
+    cmap = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
+    for i, s in enumerate(series):
+        s["color"] = cmap(i % cmap.N)
+    seeds = any(s["band"] for s in series)
     figs = {}
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["valid_curve"]:
-            x, y = zip(*r["valid_curve"])
-            ax.plot([t / 1e6 for t in x], y, marker="o", markersize=3, color=colors[r["run"]],
-                    linestyle="-" if r["finished"] else "--", label=label[r["run"]])
+    for s in (s for s in series if s["curve"]):
+        x, y = zip(*s["curve"])
+        ax.plot([t / 1e6 for t in x], y, marker="o", markersize=3, color=s["color"],
+                linestyle="-" if s["finished"] else "--", label=s["label"])
+        if s["band"]:
+            tokens, lo, hi = s["band"]
+            ax.fill_between([t / 1e6 for t in tokens], lo, hi, color=s["color"], alpha=0.15, linewidth=0)
     ax.set_xlabel("training tokens (millions)")
     ax.set_ylabel("validation loss (nats per token)")
-    ax.set_title("Validation loss during training")
+    ax.set_title("Validation loss during training" + (" (line: mean over seeds; band: lowest to highest seed)"
+                                                     if seeds else ""), fontsize=10 if seeds else 12)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     figs["valid_loss.png"] = fig
 
-    scored = [r for r in rows if r["final_ppl"] is not None]
+    scored = [s for s in series if s["ppl"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = [(r["kv_bytes_per_token"], r["final_ppl"]) for r in scored]
+    points = [(s["kv"], s["ppl"]) for s in scored]
     front = pareto(points)
+    at = {}  # equal caches side by side, so that their bars stay apart; each label above its bar
+    for x in {p[0] for p in points}:
+        same = sorted((i for i, p in enumerate(points) if p[0] == x), key=lambda i: points[i][1])
+        for j, i in enumerate(same):
+            at[i] = x * 2 ** (0.12 * (j - (len(same) - 1) / 2))
     if front:
-        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="0.5", linestyle=":",
-                zorder=1, label="Pareto front: no run has both a smaller cache and a lower perplexity")
-    for i, r in enumerate(scored):
-        color = colors[r["run"]]
-        ax.scatter(*points[i], s=60 if i in front else 35, zorder=2, facecolors=color if r["finished"] else "none",
-                   edgecolors=color)
-        ax.annotate(label[r["run"]], points[i], textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.plot([at[i] for i in front], [points[i][1] for i in front], color="0.5", linestyle=":", zorder=1,
+                label="Pareto front: nothing has both a smaller cache and a lower perplexity")
+    for i, s in enumerate(scored):
+        if s["ppl_range"]:
+            lo, hi = s["ppl_range"]
+            ax.errorbar(at[i], s["ppl"], yerr=[[s["ppl"] - lo], [hi - s["ppl"]]], color=s["color"], capsize=3,
+                        linewidth=1, zorder=2)
+        ax.scatter(at[i], s["ppl"], s=60 if i in front else 35, zorder=3,
+                   facecolors=s["color"] if s["finished"] else "none", edgecolors=s["color"])
+    tops = [s["ppl_range"][1] if s["ppl_range"] else s["ppl"] for s in scored]
+    gap = 0.045 * ((max(tops) - min(p[1] for p in points)) or 1.0) if tops else 0.0
+    placed: list[tuple[float, float]] = []
+    for i in sorted(range(len(scored)), key=tops.__getitem__):  # a label near another one's goes above it
+        y = tops[i]
+        for x, other in placed:
+            if abs(math.log2(at[i] / x)) < 1.0 and y < other + gap:
+                y = other + gap
+        placed.append((at[i], y))
+        ax.annotate(scored[i]["label"], (at[i], y), textcoords="offset points", xytext=(0, 4), ha="center",
+                    va="bottom", fontsize=8)
     ax.set_xscale("log")
     ticks = sorted({p[0] for p in points})
     ax.set_xticks(ticks, [_kib(t) for t in ticks], fontsize=8)
     ax.minorticks_off()
-    ax.margins(x=0.22, y=0.08)  # room for the point labels
+    ax.margins(x=0.12, y=0.12)  # room for the point labels
     ax.set_xlabel("KV cache per token of context, all layers, bf16 (log scale)")
-    ax.set_ylabel("final validation perplexity")
-    ax.set_title("Perplexity against KV-cache size (hollow: unfinished run)")
+    ax.set_ylabel("final validation perplexity" + (" (mean over seeds)" if seeds else ""))
+    notes = (["bars: lowest to highest seed"] * seeds
+             + ["hollow: unfinished run"] * (not all(s["finished"] for s in scored)))
+    ax.set_title("Perplexity against KV-cache size" + (f" ({'; '.join(notes)})" if notes else ""),
+                 fontsize=10 if notes else 12)
     ax.grid(alpha=0.3)
-    base = next((r["final_ppl"] for r in rows if r["run"] == result["baseline"]), None)
+    base = next((s for s in scored if s["baseline"]), None)
     if base:
-        right = ax.secondary_yaxis("right", functions=(lambda p: 100 * (p / base - 1), lambda d: base * (1 + d / 100)))
-        right.set_ylabel(f"perplexity change vs {result['baseline']} (QKV), %")
+        ref = base["ppl"]
+        right = ax.secondary_yaxis("right", functions=(lambda p: 100 * (p / ref - 1), lambda d: ref * (1 + d / 100)))
+        right.set_ylabel(f"perplexity change vs {base['name']}, %")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     figs["ppl_vs_kv.png"] = fig
 
-    speed = [r for r in rows if r["tokens_per_s"] is not None]
+    speed = [s for s in series if s["speed"] is not None]
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.4 * max(len(speed), 1)))
-    bars = ax.barh([label[r["run"]] for r in speed], [r["tokens_per_s"] for r in speed],
-                   color=[colors[r["run"]] for r in speed], hatch=[None if r["finished"] else "//" for r in speed])
-    ax.bar_label(bars, [f"{r['tokens_per_s']:,.0f}" for r in speed], fontsize=8, padding=2)
+    errors = [[s["speed"] - s["speed_range"][0] for s in speed], [s["speed_range"][1] - s["speed"] for s in speed]] \
+        if any(s["speed_range"] for s in speed) else None
+    if errors:
+        for k, s in enumerate(speed):
+            if not s["speed_range"]:
+                errors[0][k] = errors[1][k] = 0.0
+    bars = ax.barh([s["label"] for s in speed], [s["speed"] for s in speed], xerr=errors, capsize=3,
+                   color=[s["color"] for s in speed], hatch=[None if s["finished"] else "//" for s in speed])
+    ax.bar_label(bars, [f"{s['speed']:,.0f}" for s in speed], fontsize=8, padding=4)
     ax.invert_yaxis()
-    ax.margins(x=0.12)  # room for the value labels
-    ax.set_xlabel("training throughput (tokens per second, median over steps)")
-    devices = sorted({f"{r['device']} × {r['world_size']} process(es)" for r in speed if r["device"]})
+    ax.margins(x=0.15)  # room for the value labels
+    ax.set_xlabel("training throughput (tokens per second, median over steps"
+                  + ("; several seeds: median run, bar: slowest to fastest)" if errors else ")"))
+    rows = [r for r in result["rows"] if r["tokens_per_s"] is not None]
+    devices = sorted({f"{r['device']} × {r['world_size']} process(es)" for r in rows if r["device"]})
     ax.set_title("Training throughput" + (f" on {'; '.join(devices)}" if devices else ""), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     figs["throughput.png"] = fig

@@ -143,9 +143,20 @@ def test_seeds_of_one_variant_give_the_seed_noise(tmp_path):
     text = compare.render(result, "text").splitlines()
     means = text.index(next(l for l in text if l.startswith("Mean over seeds")))
     assert text[means + 3].split() == ["QKV", "1234", "7", "8", "6.0000", "6.0200", "6.0400", "6.0200", "0.0200",
-                                       "4.08%", "411.58", "+0.00%", "1,024"]
+                                       "4.08%", "411.58", "+0.00%", "–", "1,024"]
     assert text[means + 4].split() == ["Q–K=V", "1234", "7", "6.1000", "6.0000", "6.0500", "0.0707", "10.52%",
-                                       "424.11", "+3.05%", "512"]
+                                       "424.11", "+3.05%", "+0.6", "512"]  # t: 0.03 / √(0.005/2 + 0.0004/3)
+    figs = figures.comparison_figures(result)  # one series per variant: the mean, and the seeds' range
+    lines = figs["valid_loss.png"].axes[0].get_lines()
+    assert [l.get_label() for l in lines] == ["QKV, 3 seeds", "Q–K=V, 2 seeds"]
+    assert list(lines[0].get_ydata()) == pytest.approx([7.0, 6.02])
+    assert len(figs["valid_loss.png"].axes[0].collections) == 2  # the bands
+    kv_ax = figs["ppl_vs_kv.png"].axes[0]
+    assert sorted(t.get_text() for t in kv_ax.texts) == ["QKV, 3 seeds", "Q–K=V, 2 seeds"]
+    caps = sorted(y for l in kv_ax.get_lines() if l.get_marker() == "_" for y in l.get_ydata())
+    assert caps == pytest.approx(sorted(math.exp(x) for x in (6.0, 6.04, 6.0, 6.1)))
+    assert "vs QKV (mean of 3 seeds)" in kv_ax.child_axes[0].get_ylabel()
+    assert [p.get_width() for p in figs["throughput.png"].axes[0].patches] == [1002.5] * 2  # the median run
 
 
 def test_pareto_front():

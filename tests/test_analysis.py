@@ -90,7 +90,9 @@ def test_cli_table_json_and_markdown(capsys):
     assert rows["1.2B_kv"]["kv_cache_reduction_vs_qkv"] == 0.5
     assert main([str(MODEL_CONFIGS / "tiny_kv.yaml"), "--markdown", "--seq-lens", "64"]) == 0
     out = capsys.readouterr().out
-    assert "| tiny_kv | Q–K=V | kv |" in out and "T=64" in out
+    assert "| tiny_kv | Q–K=V | kv |" in out and "T=64" in out and "KV @ 32K ctx" in out
+    assert main([str(MODEL_CONFIGS / "tiny_kv.yaml"), "--context", "256"]) == 0
+    assert "KV @ 256 ctx" in capsys.readouterr().out  # not "0K"
 
 
 def test_cli_reports_bad_input(capsys, tmp_path):

@@ -164,5 +164,5 @@ def main(argv: list[str] | None = None) -> int:
     if started:
         pretrain.leave_process_group()
     if rank0:
-        compare.report([Path(cfg.checkpoint.dir) for cfg in configs], args.format, args.dir)
+        compare.report([args.dir], args.format, args.dir)  # every run there: earlier variants and seeds too
     return code

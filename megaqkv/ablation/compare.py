@@ -50,7 +50,7 @@ def summarize(run: runs.Run) -> dict:
         "peak_memory_gib": max(memory) if memory else None, "steps_done": run.steps_done,
         "total_steps": run.total_steps, "finished": run.finished, "wall_s": run.wall_seconds,
         "tokens_per_step": run.tokens_per_step, "world_size": run.world_size, "device": run.device,
-        "layout": {"tp": run.config.parallel.tp, "pp": run.config.parallel.pp},
+        "layout": {"tp": run.config.parallel.tp, "pp": run.config.parallel.pp, "sp": run.config.parallel.sp},
         "valid_curve": [(r["step"] * run.tokens_per_step, r["loss"]) for r in run.valid],
     }
 
@@ -88,17 +88,22 @@ def by_variant(rows: list[dict], all_runs: list[runs.Run]) -> list[dict]:
         if row["final_loss"] is not None and row["finished"]:
             key = json.dumps({k: v for k, v in run.experiment().items() if k != SEED}, sort_keys=True, default=str)
             groups.setdefault(key, []).append(row)
-    qkv = next((g for g in groups.values() if g[0]["variant"] == "QKV"), None)
-    qkv_mean = statistics.mean(m["final_loss"] for m in qkv) if qkv else None
+    base = next((g for g in groups.values() if g[0]["variant"] == "QKV"), None)
+    qkv = [m["final_loss"] for m in base] if base else []
+    qkv_mean = statistics.mean(qkv) if qkv else None
     out = []
     for members in groups.values():
         losses = [m["final_loss"] for m in members]
         mean = statistics.mean(losses)
+        # Welch's t of the mean loss against QKV's: the difference in standard errors (2-3 seeds: a rough guide)
+        err = math.sqrt(statistics.variance(losses) / len(losses) + statistics.variance(qkv) / len(qkv)) \
+            if members is not base and len(qkv) > 1 and len(losses) > 1 else 0.0
         out.append({"variant": members[0]["variant"], "runs": [m["run"] for m in members],
                     "seeds": [m["seed"] for m in members], "final_loss": losses, "mean_loss": mean,
                     "std_loss": statistics.stdev(losses) if len(losses) > 1 else None, "mean_ppl": math.exp(mean),
                     "ppl_spread_pct": 100 * (math.exp(max(losses) - min(losses)) - 1),
                     "mean_ppl_vs_qkv_pct": None if qkv_mean is None else 100 * (math.exp(mean - qkv_mean) - 1),
+                    "t_vs_qkv": (mean - qkv_mean) / err if err > 0 else None,
                     "kv_bytes_per_token": members[0]["kv_bytes_per_token"]})
     return out
 
@@ -181,7 +186,7 @@ def notes(result: dict) -> list[str]:
 
 
 SEED_HEADER = ["variant", "seeds", "final loss per seed", "mean loss", "sample std", "ppl spread", "ppl of mean",
-               "vs QKV mean", "KV B/token"]
+               "vs QKV mean", "t vs QKV", "KV B/token"]
 
 
 def seed_rows(result: dict) -> list[list[str]]:
@@ -189,6 +194,7 @@ def seed_rows(result: dict) -> list[list[str]]:
              f"{g['mean_loss']:.4f}", _num(g["std_loss"], ".4f"),
              "–" if len(g["seeds"]) == 1 else f"{g['ppl_spread_pct']:.2f}%", f"{g['mean_ppl']:.2f}",
              "–" if g["mean_ppl_vs_qkv_pct"] is None else f"{g['mean_ppl_vs_qkv_pct']:+.2f}%",
+             _num(g["t_vs_qkv"], "+.1f"),
              f"{g['kv_bytes_per_token']:,}"] for g in result["variants"]]
 
 
@@ -209,7 +215,8 @@ def render(result: dict, fmt: str) -> str:
     lines = _table(HEADER, table_rows(result), markdown)
     if any(len(g["seeds"]) > 1 for g in result["variants"]):
         title = ("Mean over seeds (finished runs; ppl spread: largest over smallest final perplexity among the seeds, "
-                 "the seed noise)")
+                 "the seed noise; t vs QKV: the mean loss's difference from QKV's in standard errors (Welch), "
+                 "beyond about 2-3 a difference the seeds do not explain)")
         lines += ["", f"**{title}**" if markdown else title,
                   *([""] if markdown else []), *_table(SEED_HEADER, seed_rows(result), markdown)]
     return "\n".join(lines + [""] + [f"- {n}" if markdown else n for n in notes(result)])
