@@ -236,12 +236,17 @@ class EvalConfig:
     interval: int = 1000  # steps between validation runs (0: only at the end)
     tokens: int = 4_194_304  # validation tokens per run (a fixed set, the same every time)
     at_start: bool = False  # also evaluate before the first step
+    # The order the validation samples are cut and drawn in; null: training.seed, as in Megatron. The ablation
+    # pins it, so that runs of several training seeds score the same validation samples.
+    seed: typing.Optional[int] = None
 
     def validate(self, prefix: str = "eval.") -> None:
         if self.interval < 0:
             raise FieldError(prefix + "interval", "must not be negative (0: validate only at the end)")
         if self.tokens < 1:
             raise FieldError(prefix + "tokens", "must be positive")
+        if self.seed is not None and self.seed < 0:
+            raise FieldError(prefix + "seed", "must not be negative (null: training.seed)")
 
 
 @dataclass

@@ -59,7 +59,7 @@ def _series(result: dict) -> list[dict]:
     for row in result["rows"]:
         group = grouped.get(row["run"])
         if group is None:
-            ppl, speed = row["final_ppl"], row["tokens_per_s"]
+            ppl, speed = None if row["diverged"] else row["final_ppl"], row["tokens_per_s"]
             out.append({"label": row["label"] + ("" if row["finished"] else UNFINISHED), "name": row["label"],
                         "finished": row["finished"],
                         "curve": row["valid_curve"], "band": None, "kv": row["kv_bytes_per_token"],
@@ -97,10 +97,18 @@ def comparison_figures(result: dict) -> dict:
     for i, s in enumerate(series):
         s["color"] = cmap(i % cmap.N)
     seeds = any(s["band"] for s in series)
-    figs = {}
+    curves = [s for s in series if s["curve"]]
+    scored = [s for s in series if s["ppl"] is not None]
+    speed = [s for s in series if s["speed"] is not None]
+    figs = {"valid_loss.png": _loss_figure(plt, curves, seeds) if curves else None,
+            "ppl_vs_kv.png": _ppl_figure(plt, scored, seeds) if scored else None,
+            "throughput.png": _speed_figure(plt, speed, result["rows"]) if speed else None}
+    return {name: fig for name, fig in figs.items() if fig is not None}  # nothing to draw: no empty figure
 
+
+def _loss_figure(plt, curves: list[dict], seeds: bool):
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in (s for s in series if s["curve"]):
+    for s in curves:
         x, y = zip(*s["curve"])
         ax.plot([t / 1e6 for t in x], y, marker="o", markersize=3, color=s["color"],
                 linestyle="-" if s["finished"] else "--", label=s["label"])
@@ -113,9 +121,10 @@ def comparison_figures(result: dict) -> dict:
                                                      if seeds else ""), fontsize=10 if seeds else 12)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    figs["valid_loss.png"] = fig
+    return fig
 
-    scored = [s for s in series if s["ppl"] is not None]
+
+def _ppl_figure(plt, scored: list[dict], seeds: bool):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = [(s["kv"], s["ppl"]) for s in scored]
     front = pareto(points)
@@ -163,9 +172,10 @@ def comparison_figures(result: dict) -> dict:
         right = ax.secondary_yaxis("right", functions=(lambda p: 100 * (p / ref - 1), lambda d: ref * (1 + d / 100)))
         right.set_ylabel(f"perplexity change vs {base['name']}, %")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
-    figs["ppl_vs_kv.png"] = fig
+    return fig
 
-    speed = [s for s in series if s["speed"] is not None]
+
+def _speed_figure(plt, speed: list[dict], rows: list[dict]):
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.4 * max(len(speed), 1)))
     errors = [[s["speed"] - s["speed_range"][0] for s in speed], [s["speed_range"][1] - s["speed"] for s in speed]] \
         if any(s["speed_range"] for s in speed) else None
@@ -180,12 +190,11 @@ def comparison_figures(result: dict) -> dict:
     ax.margins(x=0.15)  # room for the value labels
     ax.set_xlabel("training throughput (tokens per second, median over steps"
                   + ("; several seeds: median run, bar: slowest to fastest)" if errors else ")"))
-    rows = [r for r in result["rows"] if r["tokens_per_s"] is not None]
-    devices = sorted({f"{r['device']} × {r['world_size']} process(es)" for r in rows if r["device"]})
+    devices = sorted({f"{r['device']} × {r['world_size']} process(es)" for r in rows
+                      if r["tokens_per_s"] is not None and r["device"]})
     ax.set_title("Training throughput" + (f" on {'; '.join(devices)}" if devices else ""), fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    figs["throughput.png"] = fig
-    return figs
+    return fig
 
 
 def comparison(result: dict, out_dir: Path) -> list[Path]:

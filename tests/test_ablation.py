@@ -159,6 +159,28 @@ def test_seeds_of_one_variant_give_the_seed_noise(tmp_path):
     assert [p.get_width() for p in figs["throughput.png"].axes[0].patches] == [1002.5] * 2  # the median run
 
 
+def test_no_comparison_without_a_baseline_point_and_diverged_runs_are_named(tmp_path, capsys):
+    write_run(tmp_path / "qkv", valid=(7.0, 6.0))
+    write_run(tmp_path / "kv", "kv", done=6, total=6, valid=(6.5, 6.1))  # another budget
+    write_run(tmp_path / "mqa", "mqa", valid=(6.4, math.nan))
+    result = compare.compare([tmp_path / n for n in ("qkv", "kv", "mqa")])
+    qkv, kv, mqa = result["rows"]
+    assert kv["ppl_vs_qkv_pct"] is None  # QKV has no validation after kv's 6 steps: no quiet fallback
+    assert "kv: no ppl vs QKV, since qkv has no validation result after the same" in " ".join(result["warnings"])
+    assert mqa["diverged"] and mqa["ppl_vs_qkv_pct"] is None and mqa["best_loss"] == 6.4
+    assert "mqa diverged: its validation loss at step 4 is nan" in result["warnings"]
+    assert [g["variant"] for g in result["variants"]] == ["QKV", "Q–K=V"]  # a diverged run is in no mean
+    figs = figures.comparison_figures(result)
+    assert sorted(t.get_text() for t in figs["ppl_vs_kv.png"].axes[0].texts) == ["QKV", "Q–K=V"]
+
+
+def test_a_run_without_validation_finishes_and_draws_no_empty_figures(tmp_path):
+    write_run(tmp_path / "qkv", "qkv", ["data.split=[100, 0, 0]", "data.valid_path=[]"], valid=())
+    result = compare.compare([tmp_path / "qkv"])
+    assert result["rows"][0]["finished"] and result["rows"][0]["final_loss"] is None
+    assert list(figures.comparison_figures(result)) == ["throughput.png"]
+
+
 def test_pareto_front():
     points = [(4096, 10.0), (2048, 10.5), (2048, 11.0), (1024, 12.0), (512, 12.5), (256, 12.2)]
     assert figures.pareto(points) == [5, 3, 1, 0]
@@ -197,6 +219,19 @@ def test_ablation_mistakes_are_reported_before_training(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     assert ablate.main(args + slim_data) == 2
     assert message in capsys.readouterr().err
+
+
+def test_each_variant_gets_its_own_logs_and_every_seed_the_same_validation(tmp_path, monkeypatch, slim_data):
+    """A train config naming logging.tensorboard_dir must not make two variants share one metrics.jsonl; seeds
+    change training.seed only, the validation samples stay the base seed's; deepspeed's --local_rank is taken."""
+    shared = tmp_path / "train.yaml"
+    shared.write_text((REPO / "train_configs" / "tiny.yaml").read_text() + f"  tensorboard_dir: {tmp_path / 'tb'}\n")
+    monkeypatch.chdir(tmp_path)
+    args, pre = ablate.parse_args(["--local_rank=0", "qkv", "qkv@7", "kv", "--dir", "D", "--", "--model-config",
+                                   str(MODEL_CONFIGS / "tiny_qkv.yaml"), "--train-config", str(shared), *slim_data])
+    configs = ablate.configure([ablate.parse_variant(v) for v in args.variants], pre, args.dir)
+    assert [c.logging.tensorboard_dir for c in configs] == [f"D/{n}/tensorboard" for n in ("qkv", "qkv_seed7", "kv")]
+    assert [(c.training.seed, c.eval.seed) for c in configs] == [(1234, 1234), (7, 1234), (1234, 1234)]
 
 
 def test_ablation_needs_the_separator(capsys):

@@ -167,6 +167,7 @@ def test_failure_and_timeout_limits():
     assert (cfg.training.max_nonfinite_steps, cfg.parallel.collective_timeout_s) == (10, 600.0)
     for override, words in [("training.max_nonfinite_steps=0", "must be at least 1"),
                             ("parallel.collective_timeout_s=0", "must be positive"),
-                            ("parallel.collective_timeout_s=-5", "must be positive")]:
+                            ("parallel.collective_timeout_s=-5", "must be positive"),
+                            ("eval.seed=-1", "must not be negative")]:
         with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}: {words}"):
             load_config(MODEL_CONFIGS / "tiny_kv.yaml", overrides=[override])

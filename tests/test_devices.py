@@ -83,6 +83,13 @@ def test_gloo_process_on_a_gpu_machine_never_touches_cuda(gpu_machine, gloo_grou
     with tracker.fork():
         torch.rand(2)
     assert monitor.memory_gib() > 0  # the process's RSS, not CUDA's allocator
+    # each run of an ablation reports its own peak: a freed 512 MiB no longer counts after the reset
+    monitor.reset_peak_memory()
+    big = torch.ones(2 ** 27)
+    del big
+    before = monitor.memory_gib()
+    monitor.reset_peak_memory()
+    assert before - monitor.memory_gib() > 0.4
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(monitor, "measure_cpu_peak_tflops", lambda dtype: 0.5)
     cfg = Config(model=load_model_config(MODEL_CONFIGS / "tiny_kv.yaml"))

@@ -186,6 +186,23 @@ def test_zero_validation_share_means_no_validation_set(corpus, tmp_path):
                     "empty, so evaluation is off (as in Megatron)"]
 
 
+def test_eval_seed_fixes_the_validation_samples_whatever_the_training_seed(corpus, tmp_path):
+    ds, _ = corpus
+    prefix = json.dumps([str(ds.idx_path)[:-4]])
+
+    def samples(*overrides):
+        train, valid = build_datasets(config(tmp_path, f"data.path={prefix}", "data.valid_path=[]",
+                                             "data.split=[6, 4, 0]", "training.seq_length=8", *overrides), 20, 10,
+                                      say=print)
+        return ([train[i]["tokens"].tolist() for i in range(20)], [valid[i]["tokens"].tolist() for i in range(10)])
+
+    t1, v1 = samples("training.seed=1")
+    t2, v2 = samples("training.seed=2")
+    assert t1 != t2 and v1 != v2  # Megatron's default: one seed for both
+    t3, v3 = samples("training.seed=2", "eval.seed=1")
+    assert t3 == t2 and v3 == v1
+
+
 def test_unweighted_prefixes_are_one_pass_each_and_say_so_when_short(corpus, tmp_path):
     ds, _ = corpus
     prefix = str(ds.idx_path)[:-4]

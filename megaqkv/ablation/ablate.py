@@ -7,7 +7,8 @@ each into <dir>/<variant>/, then the comparison table and figures (compare.py).
 
 A VARIANT is a preset of megaqkv.variants (qkv, qk, kv, k, gqa4, gqa8, mqa, qgqa4, qgqa8, qmqa; default: the
 paper's 300M set) applied to the model of --model-config; `PRESET@SEED` trains it again with another
-training.seed into <dir>/<PRESET>_seed<SEED>/, to measure seed noise. Every variant is configured, and every
+training.seed into <dir>/<PRESET>_seed<SEED>/, to measure seed noise; every seed is validated on the same samples
+(eval.seed pinned to the base seed's). Every variant is configured, and every
 mistake reported, before the first one trains; they then train one after another in one process group under
 whichever launcher started the script (as pretrain.py: deepspeed, torchrun, srun, mpirun or plain python).
 Running the same command again skips finished variants and resumes an interrupted one from its checkpoint; a
@@ -42,9 +43,13 @@ class Variant:
     def name(self) -> str:
         return self.preset if self.seed is None else f"{self.preset}_seed{self.seed}"
 
-    def overrides(self) -> list[str]:
+    def overrides(self, directory: Path, eval_seed: int | None) -> list[str]:
+        """The variant's keys, its own log directory (whatever a config file says: two variants must never share
+        one), its training seed, and one validation sample order for every seed."""
         sharing, kv_heads = PRESETS[self.preset]
-        return ([f"model.sharing={sharing}", f"model.num_kv_heads={'null' if kv_heads is None else kv_heads}"]
+        return ([f"model.sharing={sharing}", f"model.num_kv_heads={'null' if kv_heads is None else kv_heads}",
+                 f"logging.tensorboard_dir={directory / self.name / 'tensorboard'}"]
+                + ([] if eval_seed is None else [f"eval.seed={eval_seed}"])
                 + ([] if self.seed is None else [f"training.seed={self.seed}"]))
 
 
@@ -71,15 +76,17 @@ def configure(variants: list[Variant], pre: argparse.Namespace, directory: Path)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConfigError(f"variant {repeated[0]} is listed twice; list each variant once")
-    configs = []
-    for v in variants:
+    def resolve(v: Variant, eval_seed: int | None) -> Config:
         args = copy.copy(pre)
-        args.set, args.save = list(pre.set) + v.overrides(), str(directory / v.name)
+        args.set, args.save = list(pre.set) + v.overrides(directory, eval_seed), str(directory / v.name)
         try:
-            configs.append(pretrain.configure(args))
+            return pretrain.configure(args)
         except (ConfigError, DataError) as exc:
             raise type(exc)(f"variant {v.name}: {exc}") from None
-    return configs
+
+    base = resolve(Variant(variants[0].preset), None)  # the seeds the pretrain.py arguments give
+    seed = base.eval.seed if base.eval.seed is not None else base.training.seed
+    return [resolve(v, seed) for v in variants]
 
 
 def state(cfg: Config) -> str:
@@ -90,11 +97,11 @@ def state(cfg: Config) -> str:
         run = runs.load(directory)
     except runs.RunError:
         return "new"  # nothing readable yet: the training loop decides about any checkpoint there
-    ours = runs.experiment_keys(cfg.to_dict())
-    differs = [k for k in sorted(set(ours) | set(run.experiment())) if ours.get(k) != run.experiment().get(k)]
+    ours, theirs = runs.experiment_keys(cfg.to_dict()), run.experiment()
+    differs = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if differs:
         raise ConfigError(f"{directory} holds a run with other settings: " + ", ".join(
-            f"{k} is {run.experiment().get(k)!r} there, {ours.get(k)!r} here" for k in differs[:5])
+            f"{k} is {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differs[:5])
             + ("" if len(differs) <= 5 else f" and {len(differs) - 5} more") + "; run the ablation with its "
             "settings, or use another --dir")
     return "finished" if run.finished else "unfinished"
@@ -120,6 +127,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]
     parser.add_argument("--dir", required=True, type=Path, help="one run per variant goes to DIR/<variant>/")
     parser.add_argument("--format", choices=("text", "markdown", "json"), default="text",
                         help="how the final table is printed (DIR/comparison.md and .json are always written)")
+    # deepspeed's launcher puts --local_rank=N before the script's arguments; the rank comes from the environment
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     if "--" not in argv:
         parser.error("give the pretrain.py arguments after --, e.g. -- --model-config model_configs/cpu_qkv.yaml "
                      "--data-path PREFIX")
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         started = True
         rc, result = pretrain.train(cfg, pre.ds_config, rank0)
         if rc == 2:
+            pretrain.leave_process_group()
             return 2
         if rc == 1:
             code = 1

@@ -37,12 +37,14 @@ def _median(rows: list[dict], key: str) -> float | None:
 def summarize(run: runs.Run) -> dict:
     m = run.config.model
     final = run.valid[-1] if run.valid else None
-    best = min(run.valid, key=lambda r: r["loss"]) if run.valid else None
+    finite = [r for r in run.valid if math.isfinite(r["loss"])]
+    best = min(finite, key=lambda r: r["loss"]) if finite else None
     memory = [r["memory_gib"] for r in run.train if "memory_gib" in r]
     return {
         "run": run.name, "path": str(run.path), "variant": paper_name(m.sharing, m.num_heads, m.kv_heads),
         "sharing": m.sharing, "num_kv_heads": m.kv_heads, "seed": run.config.training.seed,
         "parameters": total_parameters(m), "kv_bytes_per_token": kv_cache_bytes_per_token(m),
+        "diverged": bool(final) and not math.isfinite(final["loss"]),
         "final_step": final["step"] if final else None, "final_loss": final["loss"] if final else None,
         "final_ppl": _ppl(final["loss"]) if final else None,
         "best_loss": best["loss"] if best else None, "best_ppl": _ppl(best["loss"]) if best else None,
@@ -85,7 +87,7 @@ def by_variant(rows: list[dict], all_runs: list[runs.Run]) -> list[dict]:
     and its mean is compared with the QKV group's mean, which is steadier than one seed against one seed."""
     groups: dict[str, list[dict]] = {}
     for row, run in zip(rows, all_runs):
-        if row["final_loss"] is not None and row["finished"]:
+        if row["final_loss"] is not None and row["finished"] and not row["diverged"]:
             key = json.dumps({k: v for k, v in run.experiment().items() if k != SEED}, sort_keys=True, default=str)
             groups.setdefault(key, []).append(row)
     base = next((g for g in groups.values() if g[0]["variant"] == "QKV"), None)
@@ -118,13 +120,12 @@ def _label(row: dict, same_variant: list[dict]) -> str:
 
 
 def _vs_baseline(row: dict, baseline: dict | None) -> float | None:
-    """The row's final validation perplexity against the baseline's at the same number of tokens (an unfinished
-    run is compared where it stands), or against the baseline's final one when it has no validation there."""
-    if baseline is None or row["final_loss"] is None:
+    """The row's final validation perplexity against the baseline's after the same number of training tokens
+    (an unfinished run is compared where it stands); None where the baseline has no finite validation there."""
+    if baseline is None or row["final_loss"] is None or row["diverged"]:
         return None
-    tokens = row["valid_curve"][-1][0]
-    ref = dict(baseline["valid_curve"]).get(tokens, baseline["final_loss"])
-    return 100 * (math.exp(row["final_loss"] - ref) - 1)
+    ref = dict(baseline["valid_curve"]).get(row["valid_curve"][-1][0])
+    return None if ref is None or not math.isfinite(ref) else 100 * (math.exp(row["final_loss"] - ref) - 1)
 
 
 def compare(paths: list[str | Path]) -> dict:
@@ -135,12 +136,17 @@ def compare(paths: list[str | Path]) -> dict:
         for r in all_runs:
             r.name = f"{r.path.parent.name}/{r.path.name}"
     rows = [summarize(r) for r in all_runs]
-    qkv = [r for r in rows if r["variant"] == "QKV" and r["final_loss"] is not None]
+    qkv = [r for r in rows if r["variant"] == "QKV" and r["final_loss"] is not None and not r["diverged"]]
     baseline = next((r for r in qkv if r["finished"]), qkv[0] if qkv else None)
     for r in rows:
         r["ppl_vs_qkv_pct"] = _vs_baseline(r, baseline)
         r["label"] = _label(r, [o for o in rows if o["variant"] == r["variant"]])
     warnings = differences(all_runs)
+    warnings += [f"{r['run']} diverged: its validation loss at step {r['final_step']} is {r['final_loss']}" for r in rows
+                 if r["diverged"]]
+    warnings += [f"{r['run']}: no ppl vs QKV, since {baseline['run']} has no validation result after the same "
+                 f"{r['valid_curve'][-1][0]:,} training tokens" for r in rows
+                 if baseline and r["ppl_vs_qkv_pct"] is None and r["final_loss"] is not None and not r["diverged"]]
     warnings += [f"{r['run']} is unfinished (step {r['steps_done']} of {r['total_steps']}): " + (
         f"its final loss is the newest validation (step {r['final_step']}), not the end of its budget"
         if r["final_loss"] is not None else "no validation result yet") for r in rows if not r["finished"]]

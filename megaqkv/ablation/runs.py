@@ -7,7 +7,6 @@ through the newest complete checkpoint's client state instead, which holds the s
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,10 +68,17 @@ class Run:
         return self.train[-1]["step"] if self.train else 0
 
     @property
+    def evaluates(self) -> bool:
+        """Whether the run validates at all: not when data.split gives validation no share and there is no
+        data.valid_path (Megatron's rule, as training/data.py applies it)."""
+        return bool(self.config.data.valid_path) or self.config.data.split[1] > 0
+
+    @property
     def finished(self) -> bool:
-        """Every step trained and the final validation written (the loop validates after the last step)."""
+        """Every step trained and, when the run validates, the final validation written (the loop validates
+        after the last step)."""
         steps = self.total_steps
-        return self.steps_done >= steps and any(r["step"] >= steps for r in self.valid)
+        return self.steps_done >= steps and (not self.evaluates or any(r["step"] >= steps for r in self.valid))
 
     @property
     def wall_seconds(self) -> float:
@@ -147,7 +153,7 @@ def load(path: str | Path) -> Run:
         raise RunError(f"{record_path}: not a readable run record ({exc})") from None
     rows = _rows(log_dir / METRICS)
     return Run(path, log_dir, config, [r for r in rows if r["kind"] == "train"],
-               [r for r in rows if r["kind"] == "valid" and math.isfinite(r.get("loss", math.nan))],
+               [r for r in rows if r["kind"] == "valid" and isinstance(r.get("loss"), (int, float))],
                record.get("world_size"), record.get("device"))
 
 

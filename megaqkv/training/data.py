@@ -65,7 +65,8 @@ def _split(items: list, key: str, name: str, cfg: Config, samples: int, split: i
                                 f"training.seq_length + 1 = {seq + 1:,} tokens, so packing cannot make even one "
                                 "sample; give it more data" + ("" if split is None else " (or a larger train share "
                                                                "in data.split)") + " or lower training.seq_length")
-    ds = build_split(prefixes, weights, samples, seq, cfg.training.seed, ratios=None if split is None else
+    seed = cfg.eval.seed if name == "valid" and cfg.eval.seed is not None else cfg.training.seed
+    ds = build_split(prefixes, weights, samples, seq, seed, ratios=None if split is None else
                      cfg.data.split, split=split or 0, mode=cfg.data.mode, cache_dir=cfg.data.cache_dir)
     if len(ds) < samples:
         raise DataError(f"{key} lists {len(prefixes)} prefixes without weights: as in Megatron they are blended in "

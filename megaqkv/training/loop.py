@@ -26,7 +26,7 @@ from ..parallel.grid import ProcessGrid, comm_device
 from . import checkpointing
 from .data import build_datasets, eval_batches, step_batches
 from .engine import build_engine
-from .monitor import Monitor
+from .monitor import Monitor, reset_peak_memory
 from .schedule import align_schedule
 
 # What a resumed run must share with the run that wrote the checkpoint: these decide which samples come
@@ -241,6 +241,7 @@ def cut_metrics(path: Path, step: int) -> None:
 
 
 def run(cfg: Config, ds_config: str | None = None, log=print) -> dict:
+    reset_peak_memory()
     grid = ProcessGrid(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.sp)
     is_writer = dist.get_rank() == 0
     say = log if is_writer else (lambda *a, **k: None)

@@ -18,6 +18,8 @@ measure again).
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -143,9 +145,27 @@ def device_peak_tflops(cfg: Config) -> tuple[float, str]:
 
 
 def memory_gib() -> float:
+    """Peak memory since reset_peak_memory(): CUDA's allocator, or the process's peak resident set on a CPU."""
     if uses_cuda():
         return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    try:  # Linux: VmHWM, which reset_peak_memory() can lower (ru_maxrss never goes down)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2 ** 20
+    except (OSError, StopIteration, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def reset_peak_memory() -> None:
+    """Start a run's peak memory afresh, so that runs trained one after another in one process (tools/ablate.py)
+    each report their own peak rather than the largest so far."""
+    gc.collect()
+    if uses_cuda():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):  # elsewhere the peak stays the process's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set (Linux ≥ 4.0)
 
 
 RUN_RECORD = "run.json"
