@@ -168,12 +168,9 @@ def expand(paths: list[str | Path]) -> list[Path]:
     <dir>/<variant>/ layout) stands for those runs, in preset order."""
     out = []
     for p in map(Path, paths):
-        try:
-            find_log_dir(p)
-            out.append(p)
-        except RunError:
-            subs = sorted((s for s in p.iterdir() if s.is_dir() and _is_run(s)), key=_order) if p.is_dir() else []
-            out.extend(subs or [p])  # no runs inside: load() then names what is missing
+        subs = [] if _is_run(p) or not p.is_dir() else sorted((s for s in p.iterdir() if s.is_dir() and _is_run(s)),
+                                                               key=_order)
+        out.extend(subs or [p])  # a run, or no runs inside: load() then names what is missing
     return out
 
 
