@@ -76,6 +76,7 @@ def configure(variants: list[Variant], pre: argparse.Namespace, directory: Path)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConfigError(f"variant {repeated[0]} is listed twice; list each variant once")
+
     def resolve(v: Variant, eval_seed: int | None) -> Config:
         args = copy.copy(pre)
         args.set, args.save = list(pre.set) + v.overrides(directory, eval_seed), str(directory / v.name)

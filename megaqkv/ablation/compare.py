@@ -142,8 +142,8 @@ def compare(paths: list[str | Path]) -> dict:
         r["ppl_vs_qkv_pct"] = _vs_baseline(r, baseline)
         r["label"] = _label(r, [o for o in rows if o["variant"] == r["variant"]])
     warnings = differences(all_runs)
-    warnings += [f"{r['run']} diverged: its validation loss at step {r['final_step']} is {r['final_loss']}" for r in rows
-                 if r["diverged"]]
+    warnings += [f"{r['run']} diverged: its validation loss at step {r['final_step']} is {r['final_loss']}"
+                 for r in rows if r["diverged"]]
     warnings += [f"{r['run']}: no ppl vs QKV, since {baseline['run']} has no validation result after the same "
                  f"{r['valid_curve'][-1][0]:,} training tokens" for r in rows
                  if baseline and r["ppl_vs_qkv_pct"] is None and r["final_loss"] is not None and not r["diverged"]]
