@@ -75,8 +75,10 @@ def _series(result: dict) -> list[dict]:
         losses = [[c[t] for c in curves] for t in tokens]
         ppls = [m["final_ppl"] for m in members]
         speeds = [m["tokens_per_s"] for m in members if m["tokens_per_s"] is not None]
-        out.append({"label": f"{group['variant']}, {len(members)} seeds", "name": f"{group['variant']} (mean of "
-                    f"{len(members)} seeds)", "finished": True,
+        twin = sum(g["variant"] == group["variant"] for g in result["variants"] if len(g["runs"]) > 1) > 1
+        what = f"{len(members)} {'seeds' if len(set(group['seeds'])) == len(members) else 'runs'}"
+        label = f"{group['variant']}, {what}" + (f" ({group['runs'][0]}, …)" if twin else "")
+        out.append({"label": label, "name": f"{group['variant']} (mean of {what})", "finished": True,
                     "curve": [(t, sum(v) / len(v)) for t, v in zip(tokens, losses)],
                     "band": (tokens, [min(v) for v in losses], [max(v) for v in losses]),
                     "kv": group["kv_bytes_per_token"], "ppl": group["mean_ppl"], "ppl_range": (min(ppls), max(ppls)),

@@ -288,3 +288,15 @@ def test_runs_of_two_ablations_keep_apart(tmp_path):
     result = compare.compare([tmp_path / "a", tmp_path / "b"])
     assert [(r["run"], r["label"]) for r in result["rows"]] == [("a/qkv", "QKV (a/qkv)"), ("b/qkv", "QKV (b/qkv)")]
     assert result["rows"][1]["ppl_vs_qkv_pct"] == pytest.approx(100 * (math.exp(0.2) - 1))
+    lines = figures.comparison_figures(result)["valid_loss.png"].axes[0].get_lines()
+    assert [l.get_label() for l in lines] == ["QKV, 2 runs"]  # one seed twice: repeats, not seeds
+
+
+def test_seed_groups_of_two_experiments_stay_apart_in_the_figures(tmp_path):
+    for ab, lr in (("a", "1e-3"), ("b", "2e-3")):
+        write_run(tmp_path / ab / "qkv", overrides=[f"training.lr={lr}"])
+        write_run(tmp_path / ab / "qkv_seed7", overrides=[f"training.lr={lr}", "training.seed=7"])
+    result = compare.compare([tmp_path / "a", tmp_path / "b"])
+    assert [g["runs"] for g in result["variants"]] == [["a/qkv", "a/qkv_seed7"], ["b/qkv", "b/qkv_seed7"]]
+    lines = figures.comparison_figures(result)["valid_loss.png"].axes[0].get_lines()
+    assert [l.get_label() for l in lines] == ["QKV, 2 seeds (a/qkv, …)", "QKV, 2 seeds (b/qkv, …)"]
