@@ -179,19 +179,19 @@ def _ppl_figure(plt, scored: list[dict], seeds: bool):
 
 def _speed_figure(plt, speed: list[dict], rows: list[dict]):
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.4 * max(len(speed), 1)))
-    errors = [[s["speed"] - s["speed_range"][0] for s in speed], [s["speed_range"][1] - s["speed"] for s in speed]] \
-        if any(s["speed_range"] for s in speed) else None
-    if errors:
-        for k, s in enumerate(speed):
-            if not s["speed_range"]:
-                errors[0][k] = errors[1][k] = 0.0
-    bars = ax.barh([s["label"] for s in speed], [s["speed"] for s in speed], xerr=errors, capsize=3,
-                   color=[s["color"] for s in speed], hatch=[None if s["finished"] else "//" for s in speed])
-    ax.bar_label(bars, [f"{s['speed']:,.0f}" for s in speed], fontsize=8, padding=4)
+    ax.barh([s["label"] for s in speed], [s["speed"] for s in speed], color=[s["color"] for s in speed],
+            hatch=[None if s["finished"] else "//" for s in speed])
+    seeded = any(s["speed_range"] for s in speed)
+    for y, s in enumerate(speed):
+        lo, hi = s["speed_range"] or (s["speed"], s["speed"])
+        if s["speed_range"]:  # several seeds: a bar from the slowest run to the fastest
+            ax.errorbar(s["speed"], y, xerr=[[s["speed"] - lo], [hi - s["speed"]]], color="black", capsize=3)
+        ax.annotate(f"{s['speed']:,.0f}", (hi, y), textcoords="offset points", xytext=(5, 0), va="center",
+                    fontsize=8)
     ax.invert_yaxis()
     ax.margins(x=0.15)  # room for the value labels
     ax.set_xlabel("training throughput (tokens per second, median over steps"
-                  + ("; several seeds: median run, bar: slowest to fastest)" if errors else ")"))
+                  + ("; several seeds: median run, bar: slowest to fastest)" if seeded else ")"))
     devices = sorted({f"{r['device']} × {r['world_size']} process(es)" for r in rows
                       if r["tokens_per_s"] is not None and r["device"]})
     ax.set_title("Training throughput" + (f" on {'; '.join(devices)}" if devices else ""), fontsize=9)

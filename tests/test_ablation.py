@@ -181,6 +181,18 @@ def test_a_run_without_validation_finishes_and_draws_no_empty_figures(tmp_path):
     assert list(figures.comparison_figures(result)) == ["throughput.png"]
 
 
+def test_seeded_and_single_runs_in_one_figure(tmp_path):
+    """The README's ablation (qkv twice, kv and qmqa once) draws every figure: error bars where there are seeds."""
+    write_run(tmp_path / "qkv", tokens_per_s=1000.0)
+    write_run(tmp_path / "qkv_seed7", overrides=["training.seed=7"], tokens_per_s=1200.0)
+    write_run(tmp_path / "kv", "kv", tokens_per_s=1100.0)
+    figs = figures.comparison_figures(compare.compare([tmp_path / n for n in ("qkv", "qkv_seed7", "kv")]))
+    bars = figs["throughput.png"].axes[0]
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["QKV, 2 seeds", "Q–K=V"]
+    assert [p.get_width() for p in bars.patches] == [1202.5, 1102.5]  # the faster QKV seed is the median run
+    assert sorted(t.get_text() for t in figs["ppl_vs_kv.png"].axes[0].texts) == ["QKV, 2 seeds", "Q–K=V"]
+
+
 def test_pareto_front():
     points = [(4096, 10.0), (2048, 10.5), (2048, 11.0), (1024, 12.0), (512, 12.5), (256, 12.2)]
     assert figures.pareto(points) == [5, 3, 1, 0]

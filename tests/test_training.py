@@ -132,6 +132,13 @@ def test_missing_data_says_how_to_make_it(tmp_path, monkeypatch, capsys):
     assert f"{prefix}.bin/.idx: not found. Make it with:" in err
     assert (f"python tools/preprocess_data.py --input tests/fixtures/SlimPajama-627B --output-prefix "
             f"{tmp_path / 'corpus'} --json-keys text") in err
+    prefix = tmp_path / "real_sp_text_document"  # one file's output, with a sentencepiece model not trained yet
+    sp = tmp_path / "sp.model"
+    code, err = run_main(["--data-path", str(prefix), "--set", f"data.tokenizer={sp}"], monkeypatch, capsys)
+    assert code == 2 and (f"python tools/train_tokenizer.py --input tests/fixtures/SlimPajama-627B --model-prefix "
+                          f"{tmp_path / 'sp'} --vocab-size 50304\n  python tools/preprocess_data.py --input "
+                          f"tests/fixtures/SlimPajama-627B --output-prefix {tmp_path / 'real_sp'} --json-keys text "
+                          f"--tokenizer {sp}\n(it writes {prefix} from a file or folder of documents") in err
 
 
 @pytest.mark.parametrize("args, world, words", [

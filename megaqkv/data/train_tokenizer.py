@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Iterator
 
 from .preprocess import parse_record
@@ -29,6 +30,7 @@ def train(inputs: list[str], model_prefix: str, vocab_size: int = 32000, model_t
           key: str = "text", max_documents: int = 1_000_000, character_coverage: float = 0.9995) -> str:
     import sentencepiece as spm
 
+    Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)  # sentencepiece does not make it
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines(inputs, key, max_documents), model_prefix=model_prefix, vocab_size=vocab_size,
         model_type=model_type, character_coverage=character_coverage, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -15,17 +16,25 @@ from ..data.indexed import DataError, IndexedDataset, paths
 from ..parallel.grid import NO_SP, SPGroup
 
 
-def missing_data_hint(prefix: str, source: str | None) -> str:
-    """The preprocessing command that makes `prefix` (named {out}[_{split}][_{set}]_{key}_document)."""
-    m = re.match(r"(.+?)_(train|validation|test)_(.+)_document$", prefix) or re.match(r"(.+?)_([^_]+)_document$",
-                                                                                     prefix)
+def missing_data_hint(prefix: str, source: str | None, tokenizer: str | None = None, vocab_size: int = 0) -> str:
+    """The commands that make `prefix` (named {out}[_{split}][_{set}]_{key}_document): preprocessing with the
+    config's tokenizer, after training that tokenizer (at the model's vocabulary) when it is a sentencepiece model
+    not made yet."""
+    split = re.match(r"(.+?)_(train|validation|test)_(.+)_document$", prefix)
+    m = split or re.match(r"(.+?)_([^_]+)_document$", prefix)
     out, key = (m.group(1), m.group(m.lastindex)) if m else (prefix, "text")
     key = key.split("_")[-1]
     corpus = source or "/path/to/SlimPajama-627B"
-    return (f"{prefix}.bin/.idx: not found. Make it with:\n  python tools/preprocess_data.py --input {corpus} "
-            f"--output-prefix {out} --json-keys {key}\n(it writes {out}_train_{key}_document, "
-            f"{out}_validation_{key}_document and {out}_test_{key}_document from a SlimPajama folder"
-            + ("" if source else "; point --input at your corpus") + ")")
+    steps = []
+    if tokenizer and tokenizer.endswith(".model") and not Path(tokenizer).is_file():
+        steps.append(f"python tools/train_tokenizer.py --input {corpus} --model-prefix {tokenizer[:-len('.model')]}"
+                     + (f" --vocab-size {vocab_size}" if vocab_size else ""))
+    steps.append(f"python tools/preprocess_data.py --input {corpus} --output-prefix {out} --json-keys {key}"
+                 + ("" if tokenizer in (None, "gpt2") else f" --tokenizer {tokenizer}"))
+    writes = (f"{out}_train_{key}_document, {out}_validation_{key}_document and {out}_test_{key}_document from a "
+              "SlimPajama folder" if split else f"{out}_{key}_document from a file or folder of documents")
+    return (f"{prefix}.bin/.idx: not found. Make it with:\n" + "".join(f"  {c}\n" for c in steps)
+            + f"(it writes {writes}" + ("" if source else "; point --input at your corpus") + ")")
 
 
 def check_data(cfg: Config) -> None:
@@ -36,7 +45,7 @@ def check_data(cfg: Config) -> None:
                           "tools/preprocess_data.py) or set data.path in the training config")
     for prefix in blend_of(cfg.data.path)[0] + blend_of(cfg.data.valid_path, "data.valid_path")[0]:
         if not all(p.is_file() for p in paths(prefix)):
-            raise ConfigError(missing_data_hint(prefix, cfg.data.source))
+            raise ConfigError(missing_data_hint(prefix, cfg.data.source, cfg.data.tokenizer, cfg.model.vocab_size))
         IndexedDataset(prefix).check_vocab(cfg.model.vocab_size, "the model (model.vocab_size)", cfg.data.cache_dir)
 
 
