@@ -239,8 +239,10 @@ def report(paths: list[Path], fmt: str, out_dir: Path) -> None:
         print(f"no comparison: {exc}", flush=True)
         return
     print(render(result, fmt), flush=True)
-    (out_dir / "comparison.md").write_text(render(result, "markdown") + "\n")
-    (out_dir / "comparison.json").write_text(render(result, "json") + "\n")
+    for name, fmt in (("comparison.md", "markdown"), ("comparison.json", "json")):
+        tmp = out_dir / f".{name}.tmp"  # a killed process leaves no cut-short table under the name
+        tmp.write_text(render(result, fmt) + "\n")
+        tmp.replace(out_dir / name)
     try:
         drawn = figures.comparison(result, out_dir)
         print(f"tables in {out_dir}/comparison.md and .json; figures: {', '.join(map(str, drawn))}", flush=True)
